@@ -1,0 +1,1 @@
+"""Data: annotation readers, image loading, feature files and caption datasets."""

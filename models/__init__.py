@@ -1,0 +1,1 @@
+"""Models: image encoders, mappers, the captioner, checkpoints and decoding."""

@@ -1,0 +1,140 @@
+"""Building, saving and loading captioners. `load_checkpoint(path)` rebuilds a model from the
+config stored in the checkpoint alone; every script loads models through it."""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from data.atomic import torch_save_atomic, write_json_atomic
+from data.errors import InputError
+from models.captioner import ClipCaptionModel
+from models.config import CaptionerConfig
+
+# Buffers that GPT-2 checkpoints from older transformers carry and current ones do not.
+LEGACY_LM_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+def load_lm(name: str) -> PreTrainedModel:
+    """A pretrained causal LM by transformers id or local directory."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot load language model {name!r}: {str(error).splitlines()[0]}") from None
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The LM's tokenizer, by id or directory; a pad token is set to EOS (padding is masked anyway)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot load tokenizer {name!r}: {str(error).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise InputError(f"tokenizer {name!r} has no EOS token, which captions end with")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def lm_from_config(lm_config: dict[str, Any]) -> PreTrainedModel:
+    """An LM with the architecture in `lm_config` (random weights, to be overwritten)."""
+    config = AutoConfig.for_model(**lm_config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def build_captioner(config: CaptionerConfig, lm: PreTrainedModel | None = None) -> ClipCaptionModel:
+    """A captioner with a fresh mapper; the LM is `lm`, else loaded by `config.lm_name`.
+    Records the LM's config so a fine-tuned model can later be rebuilt without the original."""
+    lm = lm if lm is not None else load_lm(config.lm_name)
+    config.lm_config = lm.config.to_dict()
+    return ClipCaptionModel(config, lm)
+
+
+def checkpoint_payload(model: ClipCaptionModel, **extra: Any) -> dict[str, Any]:
+    """The dict a checkpoint holds: config, weights (ClipCap's key names) and any extra state."""
+    return {"config": model.config.to_dict(), "model": model.trainable_state_dict(), **extra}
+
+
+def save_checkpoint(path: str | os.PathLike, model: ClipCaptionModel, **extra: Any) -> None:
+    """Save atomically; `extra` carries optimizer, scheduler, step and RNG state for resuming."""
+    torch_save_atomic(checkpoint_payload(model, **extra), path)
+
+
+def save_config_json(path: str | os.PathLike, config: CaptionerConfig) -> None:
+    """The config beside the checkpoints, for people and for tools that read JSON."""
+    write_json_atomic(path, config.to_dict())
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """torch.load with weights_only=True; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or unsafe files
+        raise InputError(f"{path}: cannot read checkpoint: {str(error).splitlines()[0]}") from None
+
+
+def _strip_legacy_buffers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor for name, tensor in state.items() if not name.endswith(LEGACY_LM_BUFFERS)}
+
+
+def load_state_into(model: ClipCaptionModel, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights in ClipCap's key layout (ours or theirs); the LM may be absent when frozen."""
+    state = _strip_legacy_buffers(state)
+    expected = model.state_dict()
+    tied = {name for name in expected if name.endswith("lm_head.weight")}  # tied to the embeddings
+    lm_optional = not model.config.lm_in_checkpoint
+    missing = [
+        name for name in expected if name not in state and name not in tied and not (lm_optional and name.startswith("gpt."))
+    ]
+    unexpected = [name for name in state if name not in expected]
+    if missing or unexpected:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise InputError(f"{source}: weights do not match the model config: {'; '.join(details)}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise InputError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state, strict=False)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ClipCaptionModel:
+    """Rebuild a captioner from a checkpoint written by train.py, in eval mode."""
+    checkpoint = read_checkpoint(path, map_location)
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
+        raise InputError(
+            f"{path}: not a checkpoint of this repo (no config); for an original ClipCap state dict "
+            "use predict.py --weights with its settings"
+        )
+    config = CaptionerConfig.from_dict(checkpoint["config"], source=str(path))
+    if config.lm_in_checkpoint and config.lm_config:
+        lm = lm_from_config(config.lm_config)
+    else:
+        lm = load_lm(config.lm_name)
+    model = ClipCaptionModel(config, lm)
+    if not config.lm_in_checkpoint:
+        model.freeze_lm()
+    load_state_into(model, checkpoint["model"], str(path))
+    return model.eval()
+
+
+def load_clipcap_weights(path: str | os.PathLike, config: CaptionerConfig) -> ClipCaptionModel:
+    """An original ClipCap checkpoint (a bare state dict) with its settings given as `config`."""
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or not any(name.startswith("clip_project.") for name in state):
+        raise InputError(f"{path}: not a ClipCap state dict (no 'clip_project.*' weights)")
+    config.lm_in_checkpoint = any(name.startswith("gpt.") for name in state)
+    model = build_captioner(config)
+    if not config.lm_in_checkpoint:
+        model.freeze_lm()
+    load_state_into(model, state, str(path))
+    return model.eval()

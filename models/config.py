@@ -1,0 +1,36 @@
+"""The captioner's configuration: one dataclass, saved as JSON beside every checkpoint and inside it."""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from data.errors import InputError
+
+
+@dataclass
+class CaptionerConfig:
+    """Everything needed to rebuild a captioner and the image encoder it was trained on."""
+
+    feature_dim: int  # width of the image features, read from the feature file
+    prefix_length: int = 10  # P: LM embeddings the mapper produces
+    prefix_length_clip: int = 10  # transformer mapper: tokens the image feature is split into
+    mapping_type: str = "mlp"  # a key of models.mappers.MAPPERS
+    num_layers: int = 8  # transformer mapper depth
+    normalize_prefix: bool = False  # L2-normalize image features before the mapper
+    lm_name: str = "gpt2"  # transformers id or directory of the LM and its tokenizer
+    lm_config: dict | None = None  # the LM's config.to_dict(): rebuilds a fine-tuned LM offline
+    lm_in_checkpoint: bool = True  # False with --only_prefix: the LM comes from lm_name
+    encoder: dict | None = None  # models.encoders.EncoderSpec as a dict (from the feature file's meta)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "CaptionerConfig":
+        """Build from a dict, naming `source` if keys are missing or unknown."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"{source}: unknown captioner config key(s): {', '.join(unknown)}")
+        if "feature_dim" not in values:
+            raise InputError(f"{source}: captioner config lacks 'feature_dim'")
+        return cls(**values)
