@@ -4,11 +4,15 @@ leaves a truncated file where a good one was."""
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import torch
+
+_UMASK = os.umask(0)  # there is no getter: read the umask by setting it, then put it back
+os.umask(_UMASK)
 
 
 @contextmanager
@@ -17,6 +21,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs follow the umask as open() would
     try:
         with os.fdopen(descriptor, mode) as handle:
             yield handle

@@ -1,8 +1,8 @@
 """One exception for bad input, shown to the user as a single line."""
 
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class InputError(Exception):
