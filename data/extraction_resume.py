@@ -1,0 +1,117 @@
+"""Partial extraction results on disk, for `--resume` and for merging the shares of torchrun processes.
+
+Encoded images are saved in chunks (one small file per few thousand images, so saving stays linear in
+the work done) in `<output_file>.partial/`, beside a fingerprint of the settings that produced them.
+Every chunk is written atomically: a killed run loses at most the chunk it was filling.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.atomic import torch_save_atomic, write_json_atomic
+from data.errors import InputError
+
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+@dataclass
+class Chunk:
+    """Results for some images, by their index in the annotation file's image list."""
+
+    indices: list[int] = field(default_factory=list)  # encoded images, one per feature row
+    features: list[torch.Tensor] = field(default_factory=list)  # (b, D) blocks, rows in `indices` order
+    failures: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
+
+    @property
+    def size(self) -> int:
+        return len(self.indices) + len(self.failures)
+
+    def add(self, indices: list[int], features: torch.Tensor, failures: list[tuple[int, str]]) -> None:
+        self.indices.extend(indices)
+        self.features.append(features)
+        self.failures.extend(failures)
+
+
+def fingerprint(
+    encoder_spec: dict, captions_file: str, split: str | None, images_dir: str, file_paths: list[str]
+) -> dict:
+    """What must not change between an interrupted run and its resumption."""
+    paths_digest = hashlib.sha256("\n".join(file_paths).encode("utf-8")).hexdigest()
+    return {
+        "encoder": encoder_spec,
+        "captions_file": str(Path(captions_file).resolve()),
+        "split": split,
+        "images_dir": str(Path(images_dir).resolve()),
+        "num_images": len(file_paths),
+        "image_paths_sha256": paths_digest,
+    }
+
+
+class PartialStore:
+    """The `<output_file>.partial/` directory: a fingerprint and chunk files named by their first index."""
+
+    def __init__(self, output_file: str | os.PathLike, settings: dict[str, Any]):
+        self.directory = Path(f"{output_file}.partial")
+        # A JSON round trip, so the comparison with the stored copy sees lists, not tuples.
+        self.settings = json.loads(json.dumps(settings))
+
+    def check(self) -> None:
+        """Refuse to resume from results made with other settings (or from no fingerprint at all)."""
+        if not self.directory.exists():
+            return
+        path = self.directory / FINGERPRINT_FILE
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            stored = None
+        if stored != self.settings:
+            changed = sorted(
+                k for k in self.settings if not isinstance(stored, dict) or stored.get(k) != self.settings[k]
+            )
+            raise InputError(
+                f"{self.directory}: partial results were made with other settings ({', '.join(changed) or 'unknown'}); "
+                "delete the directory or run without --resume"
+            )
+
+    def start(self, fresh: bool) -> None:
+        """Create the directory with its fingerprint; `fresh` discards earlier partial results first."""
+        if fresh and self.directory.exists():
+            shutil.rmtree(self.directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.directory / FINGERPRINT_FILE, self.settings)
+
+    def save(self, chunk: Chunk) -> None:
+        """Write one chunk atomically; its first index names it (each image is done once per run chain)."""
+        first = min([*chunk.indices, *(index for index, _ in chunk.failures)])
+        features = torch.cat(chunk.features) if chunk.features else torch.empty(0)
+        payload = {"indices": chunk.indices, "features": features, "failures": [list(f) for f in chunk.failures]}
+        torch_save_atomic(payload, self.directory / f"chunk-{first:09d}.pt")
+
+    def load(self) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+        """All saved results: index -> feature row, index -> failure reason."""
+        encoded: dict[int, torch.Tensor] = {}
+        failed: dict[int, str] = {}
+        for path in sorted(self.directory.glob("chunk-*.pt")):
+            try:
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+                rows = dict(zip(payload["indices"], payload["features"], strict=True))
+                failures = {int(index): str(reason) for index, reason in payload["failures"]}
+            except Exception as error:  # torch raises many types for a corrupt file
+                reason = (str(error).splitlines() or [type(error).__name__])[0]
+                raise InputError(
+                    f"{path}: unreadable partial result ({reason}); delete it to re-encode its images"
+                ) from None
+            encoded.update(rows)
+            failed.update(failures)
+        return encoded, {index: reason for index, reason in failed.items() if index not in encoded}
+
+    def remove(self) -> None:
+        """Delete the partial results once the merged file is written."""
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,0 +1,33 @@
+r"""Stage 1 with CLIP: encode each image of a caption file once into a feature file ClipCap's train.py reads.
+
+    python parse_coco_clip.py --clip_model_type ViT-B/32 --coco_images_dir data/coco \
+        --captions_file data/coco/annotations/train_caption.json --output_file data/coco/clip_train.pkl
+"""
+
+import argparse
+
+from data.errors import exit_on_input_error
+from data.extraction_cli import add_extraction_arguments, run_extraction
+from models.encoders import CLIP_MODELS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags of ClipCap's parse_coco.py, and those of the shared extraction routine."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--clip_model_type",
+        default="ViT-B/32",
+        help=f"{', '.join(CLIP_MODELS)}, or a transformers CLIP model id or local directory (default: %(default)s)",
+    )
+    add_extraction_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    """Extract CLIP image embeddings (the projected `image_embeds`, as OpenAI CLIP's encode_image)."""
+    run_extraction(args, args.clip_model_type, "clip")
+
+
+if __name__ == "__main__":
+    with exit_on_input_error():
+        main(parse_args())

@@ -1,0 +1,119 @@
+"""Feature files: our round trip, ClipCap's plain pickles, refusal of pickles that run code, atomic writes."""
+
+import builtins
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from data.errors import InputError
+from data.features import FeatureFile, read_feature_file, write_feature_file
+
+
+def sample_features() -> FeatureFile:
+    embeddings = torch.randn(3, 8)
+    captions = [
+        {"image_id": image_id, "caption": f"caption {k}", "clip_embedding": row}
+        for row, image_id in enumerate((5, 9, 2))
+        for k in range(2)
+    ]
+    return FeatureFile(embeddings, captions, {"feature_dim": 8, "encoder": {"family": "clip"}})
+
+
+def test_our_file_round_trips_exactly(tmp_path):
+    features = sample_features()
+    write_feature_file(tmp_path / "f.pkl", features)
+    loaded = read_feature_file(tmp_path / "f.pkl")
+    assert torch.equal(loaded.embeddings, features.embeddings)
+    assert loaded.captions == features.captions and loaded.meta == features.meta
+    assert loaded.image_rows() == {5: 0, 9: 1, 2: 2}
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_clipcap_plain_pickle_loads(tmp_path, as_numpy):
+    """ClipCap's parse_coco.py: pickle.dump({"clip_embedding": torch.cat(...), "captions": ...}) with no meta."""
+    embeddings = torch.randn(2, 4)
+    captions = [
+        {"image_id": 7, "caption": "a dog", "id": 1, "clip_embedding": 0},
+        {"image_id": 8, "caption": "a cat", "id": 2, "clip_embedding": 1},
+    ]
+    with open(tmp_path / "clipcap.pkl", "wb") as handle:
+        pickle.dump({"clip_embedding": embeddings.numpy() if as_numpy else embeddings, "captions": captions}, handle)
+    loaded = read_feature_file(tmp_path / "clipcap.pkl")
+    assert torch.equal(loaded.embeddings, embeddings) and loaded.captions == captions and loaded.meta == {}
+
+
+class WritesAFile:
+    """A pickle that, when loaded by plain pickle.load, creates `path`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return builtins.open, (self.path, "w")
+
+
+class RunsAShellCommand:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+@pytest.mark.parametrize("payload_class", [WritesAFile, RunsAShellCommand])
+def test_a_pickle_that_would_write_a_file_is_refused_and_writes_nothing(tmp_path, payload_class):
+    control = tmp_path / "control.txt"  # the payload is real: plain pickle runs it
+    result = pickle.loads(pickle.dumps(payload_class(control)))
+    if hasattr(result, "close"):
+        result.close()
+    assert control.exists()
+    victim = tmp_path / "pwned.txt"
+    malicious = tmp_path / "malicious.pkl"
+    with open(malicious, "wb") as handle:
+        pickle.dump({"clip_embedding": torch.zeros(1, 2), "captions": [payload_class(victim)]}, handle)
+    with pytest.raises(
+        InputError,
+        match=r"malicious\.pkl: not a readable feature file: refuses to load '(io\.open|builtins\.open|posix\.system|os\.system)'",
+    ) as error:
+        read_feature_file(malicious)
+    assert "\n" not in str(error.value)
+    assert not victim.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not a readable feature file"),
+        (b"garbage that is not a pickle", "not a readable feature file"),
+        (pickle.dumps([1, 2]), "expected a dict"),
+        (
+            pickle.dumps(
+                {"clip_embedding": np.zeros((2, 3)), "captions": [{"image_id": 1, "caption": "x", "clip_embedding": 2}]}
+            ),
+            "row index 2, outside 0..1",
+        ),
+    ],
+)
+def test_bad_feature_files_are_one_line_input_errors(tmp_path, content, message):
+    (tmp_path / "bad.pkl").write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        read_feature_file(tmp_path / "bad.pkl")
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "features.pkl"
+    write_feature_file(target, sample_features())
+    before = target.read_bytes()
+
+    def dump_half_then_fail(obj, handle, protocol=None):
+        handle.write(pickle.dumps(obj)[:100])  # a partial file, as a killed or full-disk run leaves
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pickle, "dump", dump_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        write_feature_file(target, sample_features())
+    assert target.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["features.pkl"]
