@@ -1,0 +1,76 @@
+"""train.py's options, and the model config they make together with the feature file."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.errors import InputError
+from data.features import FeatureFile
+from models.config import CaptionerConfig
+from models.encoders import DINOV2_MODELS
+
+
+@dataclass
+class TrainingOptions:
+    """train.py's flags (their defaults live in train.py's parser)."""
+
+    data: str
+    out_dir: str
+    prefix: str
+    epochs: int
+    save_every: int
+    save_latest_every: int
+    prefix_length: int
+    prefix_length_clip: int
+    batch_size: int
+    only_prefix: bool
+    mapping_type: str
+    num_layers: int
+    normalize_prefix: bool
+    use_dino: bool
+    dino_model_type: str | None
+    dino_feature_dim: int | None
+    gpt2: str
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float
+    val_data: str | None
+    eval_every: int
+    precision: str
+    device: str
+    num_workers: int
+    seed: int
+    resume: str | None
+    overwrite: bool
+    cache_dir: str | None
+
+
+def captioner_config(options: TrainingOptions, features: FeatureFile) -> CaptionerConfig:
+    """The model config: architecture from the flags, feature width and encoder from the feature file."""
+    if options.dino_feature_dim is not None and options.dino_feature_dim != features.feature_dim:
+        raise InputError(
+            f"--dino_feature_dim {options.dino_feature_dim}, but {options.data} holds {features.feature_dim}-d features"
+        )
+    encoder = features.meta.get("encoder")  # absent in ClipCap's own files
+    family = encoder.get("family") if isinstance(encoder, dict) else None
+    if (options.use_dino or options.dino_model_type) and family not in (None, "dinov2"):
+        raise InputError(f"--use_dino, but {options.data} holds {family} features")
+    if options.dino_model_type and isinstance(encoder, dict):
+        expected = DINOV2_MODELS.get(options.dino_model_type, options.dino_model_type)
+        if encoder.get("name") != expected:
+            raise InputError(
+                f"--dino_model_type {options.dino_model_type}, but {options.data} holds features of {encoder.get('name')}"
+            )
+    # A directory is recorded absolute, so the checkpoint loads from any working directory.
+    lm_name = str(Path(options.gpt2).resolve()) if Path(options.gpt2).is_dir() else options.gpt2
+    return CaptionerConfig(
+        feature_dim=features.feature_dim,
+        prefix_length=options.prefix_length,
+        prefix_length_clip=options.prefix_length_clip,
+        mapping_type=options.mapping_type,
+        num_layers=options.num_layers,
+        normalize_prefix=options.normalize_prefix,
+        lm_name=lm_name,
+        lm_in_checkpoint=not options.only_prefix,
+        encoder=encoder,
+    )

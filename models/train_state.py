@@ -1,0 +1,178 @@
+"""The files of a training run and the state that lets `--resume` continue it exactly: where the
+run stands, RNG states of every rank, the per-step log, and the checks that a resumed run is the same run."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data.atomic import atomic_write
+from data.errors import InputError
+from models.checkpoint import read_checkpoint
+from models.config import CaptionerConfig
+from models.runtime import DistributedContext
+
+# Options that decide the sequence of weights: a resumed run must keep them to reach the same weights.
+TRAJECTORY_OPTIONS = (
+    "batch_size",
+    "lr",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "epochs",
+    "seed",
+    "only_prefix",
+    "precision",
+)
+# Config fields that decide the architecture (lm_config and encoder are records, not choices).
+ARCHITECTURE_FIELDS = (
+    "prefix_length",
+    "prefix_length_clip",
+    "mapping_type",
+    "num_layers",
+    "normalize_prefix",
+    "lm_name",
+)
+
+
+@dataclass
+class RunFiles:
+    """Paths of one run: `{prefix}-{epoch:03d}.pt`, `{prefix}_latest.pt`, `{prefix}.json`, `{prefix}_log.jsonl`."""
+
+    out_dir: Path
+    prefix: str
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        return self.out_dir / f"{self.prefix}-{epoch:03d}.pt"
+
+    @property
+    def latest(self) -> Path:
+        return self.out_dir / f"{self.prefix}_latest.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.out_dir / f"{self.prefix}_best.pt"
+
+    @property
+    def config_json(self) -> Path:
+        return self.out_dir / f"{self.prefix}.json"
+
+    @property
+    def log(self) -> Path:
+        return self.out_dir / f"{self.prefix}_log.jsonl"
+
+    def existing(self) -> list[Path]:
+        """Files of an earlier run with this prefix."""
+        fixed = [self.latest, self.best, self.config_json, self.log]
+        numbered = self.out_dir.glob(f"{self.prefix}-[0-9][0-9][0-9]*.pt") if self.out_dir.is_dir() else []
+        return sorted([path for path in fixed if path.exists()] + list(numbered))
+
+    def claim(self, overwrite: bool, remove: bool) -> None:
+        """Refuse to start over an earlier run unless `overwrite`; then (if `remove`) delete its files."""
+        existing = self.existing()
+        if existing and not overwrite:
+            raise InputError(
+                f"{self.out_dir} already holds run '{self.prefix}' ({existing[0].name}, ...): "
+                f"continue it with --resume {self.out_dir}, or start over with --overwrite"
+            )
+        for path in existing if remove else []:
+            path.unlink()  # stale epoch checkpoints of the old run would mix with the new run's
+
+
+def resume_path(resume: str, prefix: str) -> Path:
+    """--resume names a `_latest.pt` file, or a directory holding `{prefix}_latest.pt`."""
+    path = Path(resume)
+    if path.is_dir():
+        path = path / f"{prefix}_latest.pt"
+    if not path.is_file():
+        raise InputError(f"--resume {resume}: {path} not found (runs save it every --save_latest_every steps)")
+    return path
+
+
+def read_resume_checkpoint(path: Path) -> dict[str, Any]:
+    """A `_latest.pt` with everything needed to continue; anything else is one InputError line."""
+    checkpoint = read_checkpoint(path)
+    needed = ("config", "model", "optimizer", "scheduler", "position", "options", "rng")
+    missing = [key for key in needed if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise InputError(f"{path}: not a resumable checkpoint (lacks {', '.join(missing)}); use a {{prefix}}_latest.pt")
+    return checkpoint
+
+
+def check_same_run(checkpoint: dict[str, Any], source: Path, config: CaptionerConfig, options: dict[str, Any]) -> None:
+    """A resumed run must have the model and options of the saved one, or it cannot reach the same weights."""
+    saved = CaptionerConfig.from_dict(checkpoint["config"], source=str(source))
+    if saved.feature_dim != config.feature_dim:
+        raise InputError(
+            f"--data has {config.feature_dim}-d features, but the run in {source} was trained on "
+            f"{saved.feature_dim}-d features; resume with the same feature file"
+        )
+    for name in ARCHITECTURE_FIELDS:
+        if getattr(saved, name) != getattr(config, name):
+            raise InputError(
+                f"--resume {source}: {name} is {getattr(config, name)!r} here but {getattr(saved, name)!r} "
+                "in the saved run; resume with the same settings"
+            )
+    for name in TRAJECTORY_OPTIONS:
+        if checkpoint["options"].get(name) != options[name]:
+            raise InputError(
+                f"--resume {source}: {name} is {options[name]!r} here but {checkpoint['options'].get(name)!r} "
+                "in the saved run; resume with the same settings"
+            )
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG state: dropout draws from it."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def gather_rng_states(device: torch.device, context: DistributedContext) -> list[dict[str, torch.Tensor]]:
+    """Every rank's RNG state, in rank order (a collective: all ranks must call it)."""
+    if not context.enabled:
+        return [rng_state(device)]
+    states: list[Any] = [None] * context.world_size
+    dist.all_gather_object(states, {name: tensor.cpu() for name, tensor in rng_state(device).items()})
+    return states
+
+
+def restore_rng_state(states: list[dict[str, torch.Tensor]], device: torch.device, context: DistributedContext) -> None:
+    """Put back this rank's RNG state, so dropout draws what the uninterrupted run drew."""
+    if len(states) != context.world_size:
+        raise InputError(
+            f"the saved run used {len(states)} process(es); resume it with the same number, not {context.world_size}"
+        )
+    state = states[context.rank]
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class StepLog:
+    """The per-step JSON-lines log; only the main process writes. On resume, lines past the resumed
+    step (written after the last `_latest.pt`) are dropped, so each step appears once."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.handle = None
+        if not enabled:
+            return
+        if resume_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            with atomic_write(path, "w") as handle:
+                handle.write("".join(f"{line}\n" for line in kept))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "a" if resume_step is not None else "w", buffering=1)  # closed in close()
+
+    def write(self, **record: Any) -> None:
+        """One JSON line (step, epoch, and the figures of that step or epoch)."""
+        if self.handle is not None:
+            self.handle.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()

@@ -1,0 +1,341 @@
+"""Stage 2: train a mapper (alone, or with the LM) on a feature file. AdamW with ClipCap's linear
+warmup schedule, per-batch padding, mixed precision on CUDA, torchrun DDP, exact resume."""
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from data.captions import CaptionBatch, CaptionCollator, CaptionDataset, build_caption_dataset
+from data.errors import InputError
+from data.features import FeatureFile, read_feature_file
+from models.captioner import ClipCaptionModel
+from models.checkpoint import build_captioner, load_state_into, load_tokenizer, save_checkpoint, save_config_json
+from models.decoding import DecodingOptions
+from models.runtime import DistributedContext, autocast, close_distributed, init_distributed, resolve_precision
+from models.scoring import require_java, score_captioner
+from models.train_options import TrainingOptions, captioner_config
+from models.train_state import (
+    TRAJECTORY_OPTIONS,
+    RunFiles,
+    StepLog,
+    check_same_run,
+    gather_rng_states,
+    read_resume_checkpoint,
+    restore_rng_state,
+    resume_path,
+)
+
+
+def epoch_order(dataset: Dataset, seed: int, epoch: int, context: DistributedContext) -> list[int]:
+    """This rank's share of the epoch's permutation: a pure function of seed and epoch that draws
+    nothing from the global RNG, so a resumed run can skip batches and stay on the same path."""
+    sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def compute_loss(network: torch.nn.Module, batch: CaptionBatch, device: torch.device, precision: str) -> torch.Tensor:
+    """The teacher-forced loss of a batch (already on `device`), under the run's precision."""
+    with autocast(device, precision):
+        return network(batch.features, batch.tokens, batch.attention_mask).loss
+
+
+def apply_gradients(
+    loss: torch.Tensor,
+    trainable: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    max_grad_norm: float,
+) -> None:
+    """Backward, gradient clipping (0: none), optimizer and schedule step; the gradients are freed after."""
+    scaler.scale(loss).backward()
+    if max_grad_norm > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class Trainer:
+    """One training run: the model, its optimizer and schedule, the data, and where the run stands."""
+
+    def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device):
+        self.options, self.context, self.device = options, context, device
+        self.precision = resolve_precision(options.precision, device)
+        self.files = RunFiles(Path(options.out_dir), options.prefix)
+        checkpoint = None
+        if options.resume:
+            source = resume_path(options.resume, options.prefix)
+            checkpoint = read_resume_checkpoint(source)
+        else:
+            self.files.claim(options.overwrite, remove=context.is_main)
+
+        if options.eval_every > 0:
+            if not options.val_data:
+                raise InputError("--eval_every needs --val_data (the captions to score against)")
+            require_java()  # now, not after the first epoch's work
+        train_file = read_feature_file(options.data)
+        self.config = captioner_config(options, train_file)
+        if checkpoint is not None:  # before anything slow: a wrong file or flag fails at once
+            check_same_run(checkpoint, source, self.config, self._trajectory())
+        self.tokenizer = load_tokenizer(options.gpt2)
+        torch.manual_seed(options.seed)  # the mapper's initial weights
+        self.model = build_captioner(self.config)
+        if options.only_prefix:
+            self.model.freeze_lm()
+        self.train_set = self._dataset(train_file)
+        self.val_file = read_feature_file(options.val_data) if options.val_data else None
+        self.val_set = self._val_set(self.val_file) if self.val_file is not None else None
+        self.collate = CaptionCollator(self.tokenizer.pad_token_id)
+
+        self.model.to(device)
+        self.trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=options.lr, weight_decay=options.weight_decay)
+        samples_per_rank = math.ceil(len(self.train_set) / context.world_size)  # DistributedSampler pads to this
+        self.steps_per_epoch = math.ceil(samples_per_rank / options.batch_size)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, options.warmup_steps, options.epochs * self.steps_per_epoch
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.position = {
+            "step": 0,
+            "epoch": 0,
+            "batch_in_epoch": 0,
+            "data": self.train_set.tokenized.key,
+            "best_cider": None,  # with --eval_every: the best validation CIDEr so far, kept in {prefix}_best.pt
+        }
+        self.last_saved: Path | None = None
+        if checkpoint is not None:
+            self._restore(checkpoint, source)
+        else:
+            torch.manual_seed(options.seed + context.rank)  # dropout differs between ranks
+        device_ids = [device.index] if device.type == "cuda" else None
+        self.network = DistributedDataParallel(self.model, device_ids=device_ids) if context.enabled else self.model
+
+    def _trajectory(self) -> dict:
+        return {name: getattr(self.options, name) for name in TRAJECTORY_OPTIONS}
+
+    def _dataset(self, features: FeatureFile) -> CaptionDataset:
+        context_length = getattr(self.model.gpt.config, "max_position_embeddings", None)
+        if context_length is not None and context_length <= self.config.prefix_length:
+            raise InputError(
+                f"--prefix_length {self.config.prefix_length} leaves no room in the LM's {context_length} positions"
+            )
+        max_tokens = context_length - self.config.prefix_length if context_length is not None else None
+        return build_caption_dataset(
+            features, self.tokenizer, max_tokens, self.options.cache_dir, self.context.is_main, self.context.is_main
+        )
+
+    def _val_set(self, val_file: FeatureFile) -> CaptionDataset:
+        if val_file.feature_dim != self.config.feature_dim:
+            raise InputError(
+                f"--val_data {self.options.val_data} has {val_file.feature_dim}-d features, "
+                f"--data has {self.config.feature_dim}-d"
+            )
+        return self._dataset(val_file)
+
+    def _restore(self, checkpoint: dict, source: Path) -> None:
+        """Continue the saved run: weights, optimizer, schedule, loss scale, position and RNG."""
+        if checkpoint["position"].get("data") != self.position["data"]:
+            raise InputError(f"--resume {source}: --data is not the feature file the saved run trained on")
+        load_state_into(self.model, checkpoint["model"], str(source))
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.position = dict(checkpoint["position"])
+        restore_rng_state(checkpoint["rng"], self.device, self.context)
+        self.last_saved = source
+
+    def print_config(self) -> None:
+        """The resolved settings, once, from the main process."""
+        if not self.context.is_main:
+            return
+        model = {key: value for key, value in self.config.to_dict().items() if key != "lm_config"}
+        resolved = {
+            "device": str(self.device),
+            "precision": self.precision,
+            "world_size": self.context.world_size,
+            "train_captions": len(self.train_set),
+            "val_captions": len(self.val_set) if self.val_set is not None else 0,
+            "steps_per_epoch": self.steps_per_epoch,
+            "trainable_parameters": sum(parameter.numel() for parameter in self.trainable),
+            "start": {key: value for key, value in self.position.items() if key != "data"},
+        }
+        print(json.dumps({"options": asdict(self.options), "model": model, "resolved": resolved}, indent=2))
+
+    def fit(self) -> ClipCaptionModel:
+        """Train the remaining epochs; returns the (unwrapped) model."""
+        self.print_config()
+        if self.position["epoch"] >= self.options.epochs:
+            print(f"the run already finished its {self.options.epochs} epochs; nothing to do")
+            return self.model
+        if self.context.is_main:
+            save_config_json(self.files.config_json, self.config)
+        resume_step = self.position["step"] if self.options.resume else None
+        self.log = StepLog(self.files.log, self.context.is_main, resume_step)
+        try:
+            for epoch in range(self.position["epoch"], self.options.epochs):
+                self.train_epoch(epoch)
+                self.end_epoch(epoch)
+        finally:
+            self.log.close()
+        return self.model
+
+    def _loader(self, dataset: CaptionDataset, indices: list[int], seed: int) -> DataLoader:
+        # A generator of its own: creating the loader must not draw from the global RNG (dropout's).
+        return DataLoader(
+            dataset,
+            batch_size=self.options.batch_size,
+            sampler=indices,
+            collate_fn=self.collate,
+            num_workers=self.options.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def train_epoch(self, epoch: int) -> None:
+        """One pass over this rank's share of the captions, from where the run stands."""
+        self.network.train()
+        done = self.position["batch_in_epoch"]
+        indices = epoch_order(self.train_set, self.options.seed, epoch, self.context)[done * self.options.batch_size :]
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=done,
+            desc=f"epoch {epoch}",
+            disable=not self.context.is_main,
+            dynamic_ncols=True,
+        )
+        last = time.perf_counter()
+        for batch in self._loader(self.train_set, indices, self.options.seed + epoch):
+            loss, lr = self.train_step(batch.to(self.device), epoch)
+            now = time.perf_counter()
+            samples_per_s = batch.tokens.shape[0] * self.context.world_size / (now - last)
+            last = now
+            self.position["step"] += 1
+            self.position["batch_in_epoch"] += 1
+            self.log.write(step=self.position["step"], epoch=epoch, loss=loss, lr=lr, samples_per_s=samples_per_s)
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{samples_per_s:.1f}")
+            periodic = self.options.save_latest_every and self.position["step"] % self.options.save_latest_every == 0
+            if periodic and self.position["batch_in_epoch"] < self.steps_per_epoch:  # the epoch's end saves anyway
+                self.save_latest()
+        bar.close()
+        self.position.update(epoch=epoch + 1, batch_in_epoch=0)
+
+    def train_step(self, batch: CaptionBatch, epoch: int) -> tuple[float, float]:
+        """One optimizer step; returns the loss (mean over ranks) and the learning rate used."""
+        lr = self.scheduler.get_last_lr()[0]
+        loss = compute_loss(self.network, batch, self.device, self.precision)
+        loss_value = self._mean_over_ranks(loss.detach().float())  # every rank sees the same value
+        if not math.isfinite(loss_value):
+            kept = (
+                f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written yet"
+            )
+            raise InputError(
+                f"loss is {loss_value} at step {self.position['step'] + 1} (epoch {epoch}); training stopped "
+                f"before updating the weights, {kept}. Try a lower --lr or --precision fp32"
+            )
+        apply_gradients(loss, self.trainable, self.optimizer, self.scheduler, self.scaler, self.options.max_grad_norm)
+        return loss_value, lr
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        if self.context.enabled:
+            dist.all_reduce(value)  # SUM: gloo has no AVG
+            value = value / self.context.world_size
+        return value.item()
+
+    def end_epoch(self, epoch: int) -> None:
+        """Epoch-end work in order: validation loss, caption scores (--eval_every), then checkpoints."""
+        record: dict = {}
+        if self.val_set is not None:
+            record["val_loss"] = self.validation_loss()
+        last = epoch == self.options.epochs - 1
+        if (
+            self.options.eval_every > 0
+            and ((epoch + 1) % self.options.eval_every == 0 or last)
+            and self.context.is_main
+        ):
+            record.update(self.score_validation(epoch))
+        if record:
+            self.log.write(step=self.position["step"], epoch=epoch, **record)
+            if self.context.is_main:
+                tqdm.write(f"epoch {epoch}: " + ", ".join(f"{name} {value:.4f}" for name, value in record.items()))
+        if self.context.is_main and (epoch % self.options.save_every == 0 or last):
+            # ClipCap's numbering: epochs count from 0, and the last one is always saved.
+            save_checkpoint(self.files.epoch_checkpoint(epoch), self.model, epoch=epoch)
+        self.save_latest()
+
+    def score_validation(self, epoch: int) -> dict[str, float]:
+        """Greedy-decode the validation images, score CIDEr and BLEU-4, keep `{prefix}_best.pt` (main process only)."""
+        context_length = getattr(self.model.gpt.config, "max_position_embeddings", None) or 10**9
+        options = DecodingOptions(method="greedy", max_length=min(67, context_length - self.config.prefix_length))
+        scores = score_captioner(
+            self.model,
+            self.tokenizer,
+            self.val_file,
+            options,
+            batch_size=self.options.batch_size,
+            device=self.device,
+            precision=self.precision,
+        )
+        scores = {"CIDEr": scores["CIDEr"], "Bleu_4": scores["Bleu_4"]}
+        best = self.position["best_cider"]
+        if best is None or scores["CIDEr"] > best:
+            self.position["best_cider"] = scores["CIDEr"]
+            save_checkpoint(self.files.best, self.model, epoch=epoch, scores=scores)
+        return scores
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss per caption token over the validation captions (each rank a share, then summed)."""
+        self.model.eval()
+        indices = list(range(self.context.rank, len(self.val_set), self.context.world_size))
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, token count)
+        for batch in self._loader(self.val_set, indices, self.options.seed):
+            batch = batch.to(self.device)
+            loss = compute_loss(self.model, batch, self.device, self.precision)
+            tokens = batch.attention_mask.sum()
+            totals += torch.stack((loss.double() * tokens, tokens.double()))
+        if self.context.enabled:
+            dist.all_reduce(totals)
+        self.model.train()
+        return (totals[0] / totals[1]).item()
+
+    def save_latest(self) -> None:
+        """`{prefix}_latest.pt`: weights plus everything `--resume` needs (all ranks call it)."""
+        rng = gather_rng_states(self.device, self.context)
+        if not self.context.is_main:
+            return
+        save_checkpoint(
+            self.files.latest,
+            self.model,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            position=dict(self.position),
+            options=self._trajectory(),
+            rng=rng,
+        )
+        self.last_saved = self.files.latest
+
+
+def run_training(options: TrainingOptions) -> ClipCaptionModel:
+    """Train as `options` say (joining torchrun's process group when launched by it); returns the model."""
+    context, device = init_distributed(options.device)
+    try:
+        return Trainer(options, context, device).fit()
+    finally:
+        close_distributed()
