@@ -5,11 +5,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub in tests
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+# Tiny models: a second intra-op thread only adds waiting (scripts run as subprocesses keep theirs).
+torch.set_num_threads(1)
 
 from models.tiny import save_tiny_clip, save_tiny_dinov2, save_tiny_gpt2  # noqa: E402
 

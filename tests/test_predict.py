@@ -1,0 +1,205 @@
+"""predict.py end to end with tiny models: images and feature files in, `path<TAB>caption` lines,
+COCO results JSON and a contact sheet out; original ClipCap state dicts through --weights; bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from data.errors import InputError, exit_on_input_error
+from data.extraction import iter_encoded_batches
+from data.features import FeatureFile, write_feature_file
+from data.predictions import expand_image_inputs, image_id_from_path
+from data.sheet import draw_contact_sheet
+from models.checkpoint import build_captioner, load_checkpoint, load_lm, load_tokenizer, save_checkpoint
+from models.config import CaptionerConfig
+from models.decoding import DecodingOptions, caption_features
+from models.encoders import load_encoder
+from predict import main, parse_args
+from tests.conftest import REPO
+
+IMAGE_NAMES = ("COCO_val2014_000000000042.jpg", "000000000007.png", "red circle.jpg")
+DECODING = ["--decode", "beam", "--beam_size", "3", "--max_length", "6"]
+
+
+@pytest.fixture(scope="module")
+def encoder_spec(tiny_clip_dir):
+    encoder, _ = load_encoder(str(tiny_clip_dir))
+    return encoder.spec.to_dict()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_gpt2_dir, encoder_spec):
+    """A checkpoint as train.py writes it, with the tiny CLIP recorded as its encoder."""
+    torch.manual_seed(0)
+    config = CaptionerConfig(
+        feature_dim=encoder_spec["feature_dim"], prefix_length=4, lm_name=str(tiny_gpt2_dir), encoder=encoder_spec
+    )
+    path = tmp_path_factory.mktemp("checkpoint") / "model-000.pt"
+    save_checkpoint(path, build_captioner(config, load_lm(str(tiny_gpt2_dir))))
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Three drawn images and one file that is not an image, in one directory."""
+    directory = tmp_path_factory.mktemp("images")
+    for number, name in enumerate(IMAGE_NAMES):
+        image = Image.new("RGB", (96 + 40 * number, 80), (240, 240, 240))
+        ImageDraw.Draw(image).ellipse((10, 10, 60, 60), fill=(200, 30 + 90 * number, 40))
+        image.save(directory / name)
+    (directory / "broken.jpg").write_bytes(b"not a jpeg at all")
+    return directory
+
+
+def captions_of(model, tokenizer, features, options):
+    return [group[0] for group in caption_features(model, tokenizer, features, options)]
+
+
+def test_predict_images_end_to_end(tmp_path, checkpoint, images, tiny_clip_dir):
+    output, sheet = tmp_path / "preds.json", tmp_path / "sheet.png"
+    command = [sys.executable, "predict.py", str(images), "--checkpoint", str(checkpoint), "--device", "cpu"]
+    command += ["--output", str(output), "--sheet", str(sheet), "--num_workers", "0", *DECODING]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    # The unreadable file is reported and makes the exit status non-zero; the others are captioned.
+    assert result.returncode != 0
+    assert f"error: {images / 'broken.jpg'}:" in result.stderr
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    printed = {path: caption for path, caption in lines}
+    paths = sorted(images / name for name in IMAGE_NAMES)
+    assert sorted(printed) == [str(path) for path in paths]
+
+    # Same captions as encoding with the checkpoint's recorded encoder and decoding in-process.
+    model = load_checkpoint(checkpoint)
+    encoder, preprocess = load_encoder(str(tiny_clip_dir))
+    kwargs = {"batch_size": 8, "num_workers": 0, "device": torch.device("cpu"), "precision": "fp32", "progress": False}
+    (batch,) = iter_encoded_batches(encoder, preprocess, paths, **kwargs)
+    options = DecodingOptions(method="beam", beam_size=3, max_length=6)
+    expected = captions_of(model, load_tokenizer(model.config.lm_name), batch.features, options)
+    assert [printed[str(path)] for path in paths] == expected
+
+    results = json.loads(output.read_text())
+    assert sorted(results, key=str) == sorted(
+        [{"image_id": image_id_from_path(path), "caption": printed[str(path)]} for path in paths], key=str
+    )
+    assert {entry["image_id"] for entry in results} == {42, 7, "red circle"}
+    with Image.open(sheet) as drawn:
+        assert drawn.width > 3 * 256 and drawn.height > 256
+
+
+def test_predict_feature_file(tmp_path, checkpoint, capsys):
+    features = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    captions = [{"image_id": image_id, "caption": "x", "clip_embedding": row} for row, image_id in enumerate((5, 9, 1))]
+    captions.append({"image_id": 9, "caption": "second caption of image 9", "clip_embedding": 1})
+    feature_path, output = tmp_path / "features.pkl", tmp_path / "preds.json"
+    write_feature_file(feature_path, FeatureFile(features, captions, {}))
+
+    main(parse_args(["--features", str(feature_path), "--checkpoint", str(checkpoint), "--output", str(output)]))
+
+    model = load_checkpoint(checkpoint)
+    expected = captions_of(model, load_tokenizer(model.config.lm_name), features, DecodingOptions())
+    assert json.loads(output.read_text()) == [
+        {"image_id": image_id, "caption": caption} for image_id, caption in zip((5, 9, 1), expected)
+    ]
+    assert capsys.readouterr().out.splitlines() == [f"{i}\t{c}" for i, c in zip((5, 9, 1), expected)]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"mapping_type": "mlp", "prefix_length": 4},
+        {
+            "mapping_type": "transformer",
+            "prefix_length": 4,
+            "prefix_length_clip": 3,
+            "num_layers": 2,
+            "normalize_prefix": True,
+        },
+    ],
+)
+def test_clipcap_state_dict_captions_through_weights(tmp_path, tiny_gpt2_dir, images, tiny_clip_dir, settings, capsys):
+    torch.manual_seed(1)
+    model = build_captioner(CaptionerConfig(feature_dim=32, lm_name=str(tiny_gpt2_dir), **settings))
+    weights = tmp_path / "coco_weights.pt"
+    torch.save(model.state_dict(), weights)  # ClipCap saves the bare state dict
+    flags = [f"--{key}" if value is True else f"--{key}={value}" for key, value in settings.items()]
+    paths = [images / name for name in IMAGE_NAMES[:2]]
+    main(
+        parse_args(
+            [*map(str, paths), "--weights", str(weights), "--gpt2", str(tiny_gpt2_dir), "--device", "cpu"]
+            + ["--clip_model_type", str(tiny_clip_dir), "--num_workers", "0", *flags, *DECODING]
+        )
+    )
+    encoder, preprocess = load_encoder(str(tiny_clip_dir))
+    kwargs = {"batch_size": 8, "num_workers": 0, "device": torch.device("cpu"), "precision": "fp32", "progress": False}
+    (batch,) = iter_encoded_batches(encoder, preprocess, paths, **kwargs)
+    # ClipCap's models never learnt EOS, so --weights stops at "." unless told otherwise.
+    options = DecodingOptions(method="beam", beam_size=3, max_length=6, stop_token=".")
+    expected = captions_of(model.eval(), load_tokenizer(str(tiny_gpt2_dir)), batch.features, options)
+    assert capsys.readouterr().out.splitlines() == [f"{path}\t{caption}" for path, caption in zip(paths, expected)]
+
+
+def test_bad_inputs_are_one_line(tmp_path, checkpoint, tiny_gpt2_dir, images, encoder_spec):
+    image = str(images / IMAGE_NAMES[0])
+    with pytest.raises(InputError, match="checkpoint not found"):
+        main(parse_args([image, "--checkpoint", str(tmp_path / "missing.pt")]))
+    with pytest.raises(InputError, match="exactly one"):
+        main(parse_args([image]))
+    # ClipCap weights given with the wrong settings.
+    model = build_captioner(CaptionerConfig(feature_dim=32, prefix_length=4, lm_name=str(tiny_gpt2_dir)))
+    weights = tmp_path / "coco_weights.pt"
+    torch.save(model.state_dict(), weights)
+    features = tmp_path / "features.pkl"
+    write_feature_file(
+        features, FeatureFile(torch.randn(1, 32), [{"image_id": 1, "caption": "x", "clip_embedding": 0}])
+    )
+    with pytest.raises(InputError, match="prefix|shape|match"):
+        main(parse_args(["--features", str(features), "--weights", str(weights), "--gpt2", str(tiny_gpt2_dir)]))
+    # A checkpoint whose mapper expects other features than its encoder gives.
+    narrow = CaptionerConfig(feature_dim=16, prefix_length=4, lm_name=str(tiny_gpt2_dir), encoder=encoder_spec)
+    save_checkpoint(tmp_path / "narrow.pt", build_captioner(narrow, load_lm(str(tiny_gpt2_dir))))
+    with pytest.raises(InputError, match="mapper expects 16-d"):
+        main(parse_args([image, "--checkpoint", str(tmp_path / "narrow.pt")]))
+    with pytest.raises(InputError, match="mapper expects 16-d"):
+        main(parse_args(["--features", str(features), "--checkpoint", str(tmp_path / "narrow.pt")]))
+
+
+def test_missing_checkpoint_is_one_line_and_exit_status_2(tmp_path, capsys):
+    # What `python predict.py ...` does under its __main__ guard.
+    with pytest.raises(SystemExit) as exited, exit_on_input_error():
+        main(parse_args(["x.jpg", "--checkpoint", str(tmp_path / "none.pt")]))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {tmp_path / 'none.pt'}: checkpoint not found"
+
+
+def test_image_ids_from_file_names():
+    assert image_id_from_path("val2014/COCO_val2014_000000123456.jpg") == 123456
+    assert image_id_from_path("COCO_train2014_000000000009.jpg") == 9
+    assert image_id_from_path("/data/val2017/000000123456.jpg") == 123456
+    assert image_id_from_path("photos/my dog.png") == "my dog"
+
+
+def test_inputs_expand_directories_and_globs_once(images):
+    named = images / IMAGE_NAMES[0]
+    found = expand_image_inputs([str(images), str(images / "*.png"), str(named)])
+    assert found == sorted(images.iterdir())  # the directory's images; the glob and file add nothing new
+    assert expand_image_inputs([str(images / "*.png")]) == [images / IMAGE_NAMES[1]]
+    with pytest.raises(InputError, match="no file matches"):
+        expand_image_inputs([str(images / "*.gif")])
+
+
+def test_contact_sheet_grid(tmp_path, images):
+    paths = [images / name for name in IMAGE_NAMES]
+    sheet = draw_contact_sheet(
+        paths, ["one", "two " * 40, "three"], tmp_path / "sheet.jpg", columns=2, thumbnail_size=64
+    )
+    with Image.open(sheet) as drawn:
+        assert drawn.format == "JPEG"
+        assert drawn.width == 2 * (64 + 8) + 8  # two columns
+        assert drawn.height > 2 * 64  # two rows, each with room for its caption
+    with pytest.raises(InputError, match="cannot write"):
+        draw_contact_sheet(paths, ["a", "b", "c"], tmp_path / "sheet.txt")
