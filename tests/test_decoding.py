@@ -98,14 +98,15 @@ def test_beam_size_one_equals_greedy(captioner, prefix, tokenizer):
 def test_best_beam_scores_at_least_greedy(captioner, prefix, tokenizer):
     greedy = run(captioner, prefix, tokenizer, method="greedy")
     beam = run(captioner, prefix, tokenizer, method="beam", beam_size=5)
+    # Beam sums log-probabilities in float32, greedy in float64: allow for rounding.
     for greedy_group, beam_group in zip(greedy, beam):
-        assert beam_group[0].score >= greedy_group[0].score - 1e-6
+        assert beam_group[0].score >= greedy_group[0].score - 1e-5
     # Fixed-length search (no stop) ranks by log-probability alone: compare those too.
     never = -1  # an id no token has, so nothing stops before max_length
     greedy = decode(captioner, prefix, never, DecodingOptions(method="greedy", max_length=8))
     beam = decode(captioner, prefix, never, DecodingOptions(method="beam", max_length=8))
     for greedy_group, beam_group in zip(greedy, beam):
-        assert beam_group[0].log_prob >= greedy_group[0].log_prob - 1e-6
+        assert beam_group[0].log_prob >= greedy_group[0].log_prob - 1e-5
 
 
 def test_beam_returns_num_captions_distinct_best_first(captioner, prefix, tokenizer):
