@@ -1,0 +1,158 @@
+"""The demo: the whole pipeline, smaller, through the real scripts, learns more than the best
+constant caption; and its bad-input paths are one clear line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import demo
+from data.errors import InputError
+from data.pipeline import (
+    OUTPUT_NAMES,
+    DemoOptions,
+    DemoResult,
+    format_comparison,
+    most_common_caption,
+    prepare_output_dir,
+    stage_commands,
+    write_constant_predictions,
+)
+from data.synthetic import DATASET_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+# The demo at a fifth of its size: 600 training images, 6 short epochs, CIDEr only (METEOR's Java is slow).
+SMALL_DEMO = [
+    *("--num_train", "600", "--num_val", "30", "--num_test", "100"),
+    *("--epochs", "6", "--eval_every", "6", "--bs", "16", "--warmup_steps", "20"),
+    *("--metrics", "CIDEr", "--seed", "0"),
+]
+
+
+@pytest.mark.slow
+def test_small_demo_learns_more_than_the_constant_caption(tmp_path, capsys):
+    """Every stage runs as its script; on held-out images CIDEr is at least twice the constant caption's."""
+    output_dir = tmp_path / "demo"
+    result = demo.main(demo.parse_args(["--output_dir", str(output_dir), *SMALL_DEMO]))
+    printed = capsys.readouterr().out
+    for script in ("parse_coco_clip.py", "train.py", "predict.py", "evaluate.py"):
+        assert f"$ python {script}" in printed  # each stage's command is shown
+    assert "--split test" in printed and "--val_data" in printed and "--sheet" in printed
+    assert result.constant_scores["CIDEr"] > 0  # the baseline is a real caption that matches something
+    assert result.model_scores["CIDEr"] >= 2 * result.constant_scores["CIDEr"], printed[-2000:]
+    assert result.learned and "learned" in printed
+    # Color and background are what a random ViT keeps best; the model must have read them off the images.
+    assert result.model_attributes["color"] > 0.8 and result.model_attributes["background"] > 0.9
+    assert result.sheet.is_file() and result.sheet.stat().st_size > 0
+    predictions = json.loads((output_dir / "predictions" / "test.json").read_text())
+    assert len(predictions) == 100 and len({p["caption"] for p in predictions}) > 1  # not one caption for all
+
+
+def test_comparison_table_shows_both_and_the_verdict():
+    scores = {"Bleu_4": 0.5, "CIDEr": 2.0}
+    attributes = dict.fromkeys(("color", "background", "size", "count", "shape"), 0.5)
+    result = DemoResult(scores, {"Bleu_4": 0.25, "CIDEr": 1.5}, "a red circle", attributes, attributes, Path("s.jpg"))
+    table = format_comparison(result)
+    assert "BLEU-4      50.00     25.00" in table and "CIDEr      200.00    150.00" in table
+    assert "1.33 (the bar is 2x): NOT learned" in table and "s.jpg" in table
+    assert not result.learned
+
+
+def test_refuses_a_non_empty_output_dir_unless_overwrite(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not empty .*--overwrite"):
+        demo.main(demo.parse_args(["--output_dir", str(tmp_path)]))
+    for name in OUTPUT_NAMES[:3]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "old.txt").write_text("from an earlier demo")
+    prepare_output_dir(tmp_path, overwrite=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]  # only the demo's own outputs go
+
+
+def test_refuses_a_file_as_output_dir(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="not a directory"):
+        prepare_output_dir(tmp_path / "file", overwrite=True)
+
+
+@pytest.mark.parametrize("flag", ["--num_val", "--epochs", "--eval_every", "--bs"])
+def test_rejects_sizes_below_one(tmp_path, flag):
+    with pytest.raises(InputError, match=f"{flag} must be at least 1"):
+        demo.main(demo.parse_args(["--output_dir", str(tmp_path / "out"), flag, "0"]))
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_a_failing_stage_is_one_line_naming_it(tmp_path):
+    """Offline, --pretrained cannot load ViT-B/32: the demo stops at the first stage with one line, status 2."""
+    completed = subprocess.run(
+        [sys.executable, "demo.py", "--pretrained", "--output_dir", str(tmp_path / "out")]
+        + ["--num_train", "2", "--num_val", "1", "--num_test", "1"],
+        cwd=REPO,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+    )
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr  # above the error line: only progress bars
+    line = completed.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: stage 'extract train' (parse_coco_clip.py) failed with exit status 2: ")
+    assert "cannot load image encoder 'ViT-B/32'" in line
+    assert "$ python parse_coco_clip.py --clip_model_type ViT-B/32" in completed.stdout
+    assert "$ python train.py" not in completed.stdout  # nothing runs after the failed stage
+
+
+def _options(**changes) -> DemoOptions:
+    args = demo.parse_args(["--output_dir", "out"])
+    values = {name: getattr(args, name) for name in DemoOptions.__dataclass_fields__}
+    return DemoOptions(**(values | changes))
+
+
+def test_stage_commands_run_the_four_stages_in_order(tmp_path):
+    paths = {name: tmp_path / name for name in ("synthetic", "features", "run", "cache", "predictions", "metrics")}
+    paths |= {"sheet": tmp_path / "sheet.jpg", "checkpoint": tmp_path / "run" / "demo_best.pt"}
+    commands = stage_commands(_options(pretrained=True), paths, "ViT-B/32", "gpt2")
+    scripts = [argv[0] for _, argv in commands]
+    assert scripts == ["parse_coco_clip.py"] * 3 + ["train.py", "predict.py", "evaluate.py", "evaluate.py"]
+    extraction = [dict(zip(argv[1::2], argv[2::2])) for _, argv in commands[:3]]
+    assert [flags["--split"] for flags in extraction] == ["train", "val", "test"]
+    assert all(flags["--clip_model_type"] == "ViT-B/32" for flags in extraction)
+    training = commands[3][1]
+    assert training[training.index("--gpt2") + 1] == "gpt2" and "--val_data" in training and "--eval_every" in training
+    prediction = commands[4][1]
+    assert prediction[1] == str(paths["synthetic"] / "test") and "--sheet" in prediction
+    assert [argv[argv.index("--predictions") + 1] for _, argv in commands[5:]] == [
+        str(paths["predictions"] / "test.json"),
+        str(paths["predictions"] / "constant.json"),
+    ]
+
+
+def test_constant_caption_is_the_most_common_training_caption(tmp_path):
+    def image(number: int, split: str, captions: list[str]) -> dict:
+        sentences = [{"raw": caption} for caption in captions]
+        return {
+            "filepath": split,
+            "filename": f"{number:012d}.jpg",
+            "cocoid": number,
+            "split": split,
+            "sentences": sentences,
+        }
+
+    dataset = tmp_path / DATASET_FILE
+    images = [
+        image(1, "train", ["a red circle", "two blue squares", "a red circle"]),
+        image(2, "train", ["two blue squares", "two blue squares"]),
+        # Test captions do not count, however common.
+        image(3, "test", ["a red circle", "a red circle", "a red circle", "a red circle"]),
+        image(4, "test", ["a green triangle"]),
+    ]
+    dataset.write_text(json.dumps({"images": images}))
+    caption = most_common_caption(dataset)
+    assert caption == "two blue squares"
+    write_constant_predictions(dataset, caption, tmp_path / "constant.json")
+    assert json.loads((tmp_path / "constant.json").read_text()) == [
+        {"image_id": 3, "caption": "two blue squares"},
+        {"image_id": 4, "caption": "two blue squares"},
+    ]
