@@ -3,6 +3,7 @@ batched across images and stepping the LM one token at a time with its key/value
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,8 @@ class LanguageModelRows:
         self.lm = lm
         self.embed_tokens = lm.get_input_embeddings()
         self.cache = DynamicCache(config=lm.config) if use_cache else None
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name is deprecated).
+        self.cache_keyword = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         self.sequence = prefix_embeds  # (R, P, E); grows by one embedding a step without the cache
 
     def start(self) -> torch.Tensor:
@@ -67,9 +70,9 @@ class LanguageModelRows:
         # last position goes through the LM head.
         output = self.lm(
             inputs_embeds=inputs_embeds,
-            past_key_values=self.cache,
             use_cache=self.cache is not None,
             logits_to_keep=1,
+            **{self.cache_keyword: self.cache},
         )
         return output.logits[:, -1].float()  # (R, V)
 
