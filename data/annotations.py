@@ -7,13 +7,12 @@
 Each becomes one ImageRecord per unique image, in order of first appearance, with every caption.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.errors import InputError
+from data.errors import InputError, read_json_input
 
 KARPATHY_SPLITS = {
     "train": ("train",),
@@ -137,13 +136,7 @@ def read_annotations(
     formats. With `images_dir`, COCO paths go to the folder that holds the file (train2014/ or val2014/);
     without it, ClipCap-list images are taken to be in train2014/."""
     source = str(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            content = json.load(handle)
-    except FileNotFoundError:
-        raise InputError(f"{source}: no such annotation file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{source}: not valid JSON ({error})") from None
+    content = read_json_input(path, "annotation file")
     images_dir = Path(images_dir) if images_dir is not None else None
     is_karpathy = (
         isinstance(content, dict)

@@ -1,8 +1,11 @@
-"""One exception for bad input, shown to the user as a single line."""
+"""One exception for bad input, shown to the user as a single line, and a JSON reader that raises it."""
 
+import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class InputError(Exception):
@@ -17,3 +20,14 @@ def exit_on_input_error() -> Iterator[None]:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def read_json_input(path: str | os.PathLike, kind: str) -> Any:
+    """The parsed content of a user's JSON file; a missing or malformed file is an InputError naming it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such {kind}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid JSON ({error})") from None

@@ -2,7 +2,6 @@
 predictions; references from a COCO captions file, a Karpathy dataset_*.json split, a ClipCap list
 or a feature file; and the checks that pair them image by image."""
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable
@@ -10,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from data.annotations import read_annotations
-from data.errors import InputError
+from data.errors import InputError, read_json_input
 from data.features import FeatureFile, read_feature_file
 
 ImageId = Any  # an int for COCO images, else whatever id the annotation file gives (a string)
@@ -25,13 +24,7 @@ def _examples(ids: Iterable[ImageId], limit: int = 5) -> str:
 
 def read_predictions(path: str | os.PathLike) -> dict[ImageId, str]:
     """A COCO results file `[{"image_id", "caption"}, ...]` -> {image_id: caption}, one caption per image."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            entries = json.load(handle)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such predictions file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: not a JSON file: {error}") from None
+    entries = read_json_input(path, "predictions file")
     if not isinstance(entries, list) or not entries:
         raise InputError(f'{path}: expected a non-empty COCO results list [{{"image_id": ..., "caption": ...}}, ...]')
     for number, entry in enumerate(entries):
