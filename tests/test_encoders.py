@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 from transformers import (
-    BitImageProcessorPil,
     CLIPConfig,
-    CLIPImageProcessorPil,
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -19,6 +18,10 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from data.errors import InputError
 from models.encoders import encoder_from_spec, load_encoder
 from models.tiny import save_tiny_dinov2
+
+# The PIL-based processors: named *Pil since transformers 5.x made torchvision the default backend.
+CLIPImageProcessorPil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+BitImageProcessorPil = getattr(transformers, "BitImageProcessorPil", transformers.BitImageProcessor)
 
 # (width, height): landscape, portrait, square, smaller than the crop (upscaled), odd margins.
 IMAGE_SIZES = [(640, 480), (480, 640), (224, 224), (100, 50), (640, 427), (333, 500), (500, 333), (227, 300)]
