@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features", help="caption this feature file (one caption per image row) instead of images")
     parser.add_argument("--output", help="write COCO results [{image_id, caption}] (the best caption) to this JSON")
     parser.add_argument("--sheet", help="draw the images with their captions into this picture (e.g. sheet.png)")
+    parser.add_argument(
+        "--sheet_max",
+        type=int,
+        default=64,
+        help="draw at most this many images, the first ones (a sheet of all of COCO would not fit in memory)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (a GPU when there is one)")
     parser.add_argument("--batch_size", type=int, default=64, help="images encoded and decoded together")
     parser.add_argument("--precision", default="auto", help="fp32, bf16 or fp16 (CUDA); auto: bf16 on CUDA, else fp32")
@@ -67,8 +73,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError("give images (files, directories, globs) or --features FILE, not both and not neither")
     if args.sheet and args.features:
         raise InputError("--sheet draws images; it cannot be used with --features")
-    if args.batch_size < 1 or args.num_workers < 0:
-        raise InputError("--batch_size must be at least 1 and --num_workers at least 0")
+    if args.batch_size < 1 or args.num_workers < 0 or args.sheet_max < 1:
+        raise InputError("--batch_size and --sheet_max must be at least 1, --num_workers at least 0")
 
 
 def _clipcap_settings(args: argparse.Namespace, feature_dim: int = 0) -> CaptionerConfig:
@@ -171,8 +177,9 @@ def main(args: argparse.Namespace) -> None:
         captioned, failed = predict_images(args, options, device, precision)
         results = [(image_id_from_path(path), captions) for path, captions in captioned]
         if args.sheet and captioned:
-            draw_contact_sheet([path for path, _ in captioned], [captions[0] for _, captions in captioned], args.sheet)
-            print(f"contact sheet: {args.sheet}", file=sys.stderr)
+            drawn = captioned[: args.sheet_max]
+            draw_contact_sheet([path for path, _ in drawn], [captions[0] for _, captions in drawn], args.sheet)
+            print(f"contact sheet: {args.sheet} ({len(drawn)} of {len(captioned)} images)", file=sys.stderr)
     if args.output:
         write_coco_results(args.output, [(image_id, captions[0]) for image_id, captions in results])
         print(f"wrote {len(results)} captions to {args.output}", file=sys.stderr)

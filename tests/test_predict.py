@@ -62,7 +62,7 @@ def captions_of(model, tokenizer, features, options):
 def test_predict_images_end_to_end(tmp_path, checkpoint, images, tiny_clip_dir):
     output, sheet = tmp_path / "preds.json", tmp_path / "sheet.png"
     command = [sys.executable, "predict.py", str(images), "--checkpoint", str(checkpoint), "--device", "cpu"]
-    command += ["--output", str(output), "--sheet", str(sheet), "--num_workers", "0", *DECODING]
+    command += ["--output", str(output), "--sheet", str(sheet), "--sheet_max", "2", "--num_workers", "0", *DECODING]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
 
     # The unreadable file is reported and makes the exit status non-zero; the others are captioned.
@@ -87,8 +87,10 @@ def test_predict_images_end_to_end(tmp_path, checkpoint, images, tiny_clip_dir):
         [{"image_id": image_id_from_path(path), "caption": printed[str(path)]} for path in paths], key=str
     )
     assert {entry["image_id"] for entry in results} == {42, 7, "red circle"}
+    # --sheet_max 2: the first two images, side by side.
+    assert f"contact sheet: {sheet} (2 of 3 images)" in result.stderr
     with Image.open(sheet) as drawn:
-        assert drawn.width > 3 * 256 and drawn.height > 256
+        assert 2 * 256 < drawn.width < 3 * 256 and drawn.height > 256
 
 
 def test_predict_feature_file(tmp_path, checkpoint, capsys):
