@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data.annotations import image_id_from_path
 from data.errors import InputError, exit_on_input_error
 from data.features import read_feature_file
-from data.predictions import expand_image_inputs, image_id_from_path, write_coco_results
+from data.predictions import expand_image_inputs, write_coco_results
 from data.sheet import draw_contact_sheet
 from models.checkpoint import load_checkpoint, load_clipcap_weights, load_tokenizer
 from models.config import CaptionerConfig

@@ -8,6 +8,7 @@ Each becomes one ImageRecord per unique image, in order of first appearance, wit
 """
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,23 @@ KARPATHY_SPLITS = {
     "train+restval": ("train", "restval"),  # the usual 113k-image COCO training set
 }
 COCO_FOLDERS = ("train2014", "val2014", "train2017", "val2017", "test2014", "test2017")
+# COCO_val2014_000000123456 (COCO 2014), 000000123456 (COCO 2017), 1000092795 (Flickr30k): the number.
+NUMBERED_STEM = re.compile(r"(?:COCO_[a-z]+\d{4}_)?(\d+)")
+
+
+def image_id_from_path(path: str | os.PathLike) -> int | str:
+    """COCO_val2014_000000123456.jpg, 000000123456.jpg -> 123456; any other file -> the number its stem is,
+    else the stem. predict.py names images this way, so ids from files match ids from annotations."""
+    stem = Path(path).stem
+    match = NUMBERED_STEM.fullmatch(stem)
+    return int(match.group(1)) if match else stem
 
 
 @dataclass
 class ImageRecord:
     """One image and all its captions."""
 
-    image_id: int | str  # COCO id / cocoid, else Karpathy's imgid, else the file stem
+    image_id: int | str  # COCO id / cocoid, else image_id_from_path(file name)
     file_path: str  # relative to the images directory, e.g. "val2014/COCO_val2014_000000000042.jpg"
     captions: list[str]  # in file order
 
@@ -115,12 +126,8 @@ def _read_karpathy(images: list, source: str, split: str) -> list[ImageRecord]:
         if not isinstance(sentences, list) or not all(isinstance(s, dict) and "raw" in s for s in sentences):
             raise InputError(f"{where}: 'sentences' must be a list of objects with 'raw'")
         file_path = f"{image['filepath']}/{image['filename']}" if image.get("filepath") else image["filename"]
-        if "cocoid" in image:
-            image_id: int | str = _as_image_id(image["cocoid"], where)
-        elif "imgid" in image:
-            image_id = _as_image_id(image["imgid"], where)
-        else:
-            image_id = Path(image["filename"]).stem
+        # Flickr's imgid only counts images, so it is not used: the file name gives the id predict.py gives.
+        image_id = _as_image_id(image["cocoid"], where) if "cocoid" in image else image_id_from_path(image["filename"])
         if image_id not in records:
             records[image_id] = ImageRecord(image_id, file_path, [])
         records[image_id].captions.extend(_caption(s["raw"], where) for s in sentences)

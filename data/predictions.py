@@ -1,17 +1,14 @@
 """What predict.py reads and writes around the model: image paths from files, directories and
-globs; COCO image ids from file names; captions in COCO's results format."""
+globs; captions in COCO's results format."""
 
 import glob
 import os
-import re
 from pathlib import Path
 
 from data.atomic import write_json_atomic
 from data.errors import InputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-# COCO_val2014_000000123456 (COCO 2014) or 000000123456 (COCO 2017): the id is the number.
-COCO_STEM = re.compile(r"(?:COCO_[a-z]+\d{4}_)?(\d+)")
 GLOB_CHARACTERS = set("*?[")
 
 
@@ -37,13 +34,6 @@ def expand_image_inputs(inputs: list[str]) -> list[Path]:
             found = [path]
         paths.extend(found)
     return list(dict.fromkeys(paths))
-
-
-def image_id_from_path(path: str | os.PathLike) -> int | str:
-    """COCO_val2014_000000123456.jpg and 000000123456.jpg -> 123456; any other file -> its stem."""
-    stem = Path(path).stem
-    match = COCO_STEM.fullmatch(stem)
-    return int(match.group(1)) if match else stem
 
 
 def write_coco_results(path: str | os.PathLike, captions: list[tuple[int | str, str]]) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from data.annotations import ImageRecord, read_annotations
+from data.annotations import ImageRecord, image_id_from_path, read_annotations
 from data.errors import InputError
 
 
@@ -77,16 +77,20 @@ def test_karpathy_splits(tmp_path, split, expected_ids):
     assert records[0].file_path.split("/")[0] in ("train2014", "val2014")
 
 
-def test_karpathy_flickr_uses_filename_and_imgid_else_the_stem(tmp_path):
+def test_karpathy_flickr_ids_come_from_file_names_as_predict_names_images(tmp_path):
     images = [
         {"filename": "1000092795.jpg", "imgid": 0, "split": "test", "sentences": [{"raw": "Two young guys."}]},
+        {"filename": "1000268201_693b08cb0e.jpg", "imgid": 1, "split": "test", "sentences": [{"raw": "A child."}]},
         {"filename": "10002456.jpg", "split": "test", "sentences": [{"raw": "Workers."}, {"raw": "Men."}]},
     ]
     records = read_annotations(write_json(tmp_path / "dataset_flickr8k.json", {"images": images}), split="test")
     assert records == [
-        ImageRecord(0, "1000092795.jpg", ["Two young guys."]),
-        ImageRecord("10002456", "10002456.jpg", ["Workers.", "Men."]),
+        ImageRecord(1000092795, "1000092795.jpg", ["Two young guys."]),
+        ImageRecord("1000268201_693b08cb0e", "1000268201_693b08cb0e.jpg", ["A child."]),
+        ImageRecord(10002456, "10002456.jpg", ["Workers.", "Men."]),
     ]
+    # predict.py's --output ids for the same files, so its predictions meet these references.
+    assert [image_id_from_path(f"images/{image['filename']}") for image in images] == [r.image_id for r in records]
 
 
 @pytest.mark.parametrize(

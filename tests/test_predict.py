@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from data.annotations import image_id_from_path
 from data.errors import InputError, exit_on_input_error
 from data.extraction import iter_encoded_batches
 from data.features import FeatureFile, write_feature_file
-from data.predictions import expand_image_inputs, image_id_from_path
+from data.predictions import expand_image_inputs
 from data.sheet import draw_contact_sheet
 from models.checkpoint import build_captioner, load_checkpoint, load_lm, load_tokenizer, save_checkpoint
 from models.config import CaptionerConfig
