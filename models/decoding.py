@@ -152,19 +152,27 @@ def decode(
     if options.method == "beam":
         rows = LanguageModelRows(model.gpt, prefix_embeds, options.use_cache)
         return beam_search(rows, num_images, stop_ids, options)
-    if options.method == "sample" and generator is None and options.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(options.seed)
+    if generator is None:
+        generator = sampling_generator(options, device)
     # num_captions independent rows per image, image-major
     prefix_embeds = prefix_embeds.repeat_interleave(options.num_captions, dim=0)  # (B*n, P, E)
     rows = LanguageModelRows(model.gpt, prefix_embeds, options.use_cache)
     return greedy_or_sample(rows, num_images, stop_ids, options, generator)
 
 
+def sampling_generator(options: DecodingOptions, device: torch.device) -> torch.Generator | None:
+    """The generator a seeded sampling run draws from (None: torch's global one, or no sampling)."""
+    if options.method != "sample" or options.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(options.seed)
+
+
 def caption_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int]) -> str:
-    """A hypothesis's text: its tokens without the final EOS (a stop token stays, as in ClipCap)."""
+    """A hypothesis's text: its tokens without the final EOS (a stop token stays, as in ClipCap), with
+    runs of white space (byte-level tokens can be newlines or tabs) as single spaces."""
     if tokens and tokens[-1] == tokenizer.eos_token_id:
         tokens = tokens[:-1]
-    return tokenizer.decode(tokens).strip()
+    return " ".join(tokenizer.decode(tokens).split())
 
 
 def caption_features(
@@ -177,15 +185,16 @@ def caption_features(
     device: torch.device | str | None = None,
     precision: str = "fp32",
     progress: bool = False,
+    generator: torch.Generator | None = None,
 ) -> list[list[str]]:
     """Caption image features (N, D): num_captions captions per row, best first. The model must
-    already be on `device` (default: where its weights are); it is put in eval mode meanwhile."""
+    already be on `device` (default: where its weights are); it is put in eval mode meanwhile.
+    Sampling draws from `generator` (a caller that captions in several calls passes one it keeps)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     stop_ids = stop_token_ids(tokenizer, options.stop_token)
-    generator = None
-    if options.method == "sample" and options.seed is not None:
-        # One generator for the whole run, so batches do not repeat each other's draws.
-        generator = torch.Generator(device=device).manual_seed(options.seed)
+    if generator is None:
+        # One generator for the whole call, so batches do not repeat each other's draws.
+        generator = sampling_generator(options, device)
     was_training = model.training
     model.eval()
     captions: list[list[str]] = []

@@ -14,7 +14,7 @@ from data.features import FeatureFile
 from models.captioner import ClipCaptionModel
 from models.checkpoint import load_checkpoint, load_clipcap_weights
 from models.config import CaptionerConfig
-from models.decoding import DecodingOptions, caption_features
+from models.decoding import DecodingOptions, caption_features, sampling_generator
 from models.encoders import ImageEncoder, Preprocess, encoder_from_spec, load_encoder
 
 
@@ -81,11 +81,19 @@ def caption_image_files(
         precision=precision,
         progress=progress,
     )
+    generator = sampling_generator(options, device)  # one for all batches: each draws on from the last
     for batch in batches:
         results = [ImageCaptions(index, None, reason) for index, reason in batch.failures]
         if batch.indices:
             captions = caption_features(
-                model, tokenizer, batch.features, options, batch_size=batch_size, device=device, precision=precision
+                model,
+                tokenizer,
+                batch.features,
+                options,
+                batch_size=batch_size,
+                device=device,
+                precision=precision,
+                generator=generator,
             )
             results += [ImageCaptions(index, texts) for index, texts in zip(batch.indices, captions)]
         yield from sorted(results, key=lambda result: result.index)

@@ -243,3 +243,8 @@ def test_flags_round_trip_and_bad_values_are_one_line():
 def test_too_long_for_the_lm_is_refused(captioner, prefix, tokenizer):
     with pytest.raises(InputError, match="positions"):
         run(captioner, prefix, tokenizer, max_length=captioner.gpt.config.n_positions)
+
+
+def test_caption_text_drops_eos_and_folds_white_space(tokenizer):
+    tokens = tokenizer.encode(" a red\n\tcircle  on\nblack ") + [tokenizer.eos_token_id]
+    assert caption_text(tokenizer, tokens) == "a red circle on black"

@@ -19,6 +19,7 @@ from models.checkpoint import build_captioner, load_checkpoint, load_lm, load_to
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_features
 from models.encoders import load_encoder
+from models.prediction import caption_image_files
 from predict import main, parse_args
 from tests.conftest import REPO
 
@@ -206,3 +207,24 @@ def test_contact_sheet_grid(tmp_path, images):
         assert drawn.height > 2 * 64  # two rows, each with room for its caption
     with pytest.raises(InputError, match="cannot write"):
         draw_contact_sheet(paths, ["a", "b", "c"], tmp_path / "sheet.txt")
+
+
+def test_seeded_sampling_draws_on_across_batches(tmp_path, checkpoint, images, tiny_clip_dir):
+    """Two copies of one image in separate batches get different samples; the run repeats exactly."""
+    copies = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for copy in copies:
+        copy.write_bytes((images / IMAGE_NAMES[0]).read_bytes())
+    model = load_checkpoint(checkpoint)
+    encoder, preprocess = load_encoder(str(tiny_clip_dir))
+    options = DecodingOptions(method="sample", seed=0, num_captions=4, max_length=8)
+    kwargs = {"batch_size": 1, "num_workers": 0, "device": torch.device("cpu"), "precision": "fp32", "progress": False}
+
+    def sample() -> list[list[str]]:
+        results = caption_image_files(
+            model, load_tokenizer(model.config.lm_name), encoder, preprocess, copies, options, **kwargs
+        )
+        return [result.captions for result in results]
+
+    first = sample()
+    assert first[0] != first[1]
+    assert sample() == first
