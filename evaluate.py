@@ -12,7 +12,7 @@ from dataclasses import asdict
 from data.atomic import write_json_atomic
 from data.errors import InputError, exit_on_input_error
 from data.features import read_feature_file
-from data.references import check_matching_ids, load_references, read_predictions
+from data.references import check_matching_ids, describe_empty_captions, load_references, read_predictions
 from models.checkpoint import load_checkpoint, load_tokenizer
 from models.decoding import add_decoding_args, decoding_options_from_args
 from models.prediction import caption_feature_file, check_feature_width
@@ -103,10 +103,11 @@ def main(args: argparse.Namespace) -> dict:
         predictions_name=predictions_name,
         references_name=references_name,
     )
+    split = args.split if args.checkpoint is None else feature_file.meta.get("split")
     settings = {
         "metrics": list(metrics),
         "references": references_name,
-        "split": args.split,
+        "split": split,
         "image_count": len(references),
         "images_without_prediction": len(all_references) - len(references),  # > 0 only with --allow_missing
     }
@@ -129,6 +130,8 @@ def main(args: argparse.Namespace) -> dict:
         )
     else:
         settings.update(predictions=args.predictions)
+    if (warning := describe_empty_captions(predictions, predictions_name)) is not None:
+        print(warning)
     scores = score_captions({image_id: predictions[image_id] for image_id in references}, references, metrics)
     report = metrics_report(scores, predictions, settings)
     print(format_table(report))

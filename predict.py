@@ -17,7 +17,7 @@ from data.annotations import image_id_from_path
 from data.errors import InputError, exit_on_input_error
 from data.features import read_feature_file
 from data.predictions import expand_image_inputs, write_coco_results
-from data.sheet import draw_contact_sheet
+from data.sheet import draw_contact_sheet, sheet_format
 from models.checkpoint import load_checkpoint, load_clipcap_weights, load_tokenizer
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, add_decoding_args, decoding_options_from_args
@@ -74,6 +74,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError("give images (files, directories, globs) or --features FILE, not both and not neither")
     if args.sheet and args.features:
         raise InputError("--sheet draws images; it cannot be used with --features")
+    if args.sheet:
+        sheet_format(args.sheet)  # a bad extension fails now, not after every image is captioned
     if args.batch_size < 1 or args.num_workers < 0 or args.sheet_max < 1:
         raise InputError("--batch_size and --sheet_max must be at least 1, --num_workers at least 0")
 

@@ -37,10 +37,16 @@ def read_predictions(path: str | os.PathLike) -> dict[ImageId, str]:
             f"{path}: {len(duplicates)} image id(s) have more than one caption: {_examples(duplicates)} "
             "(the COCO metrics score one caption per image)"
         )
-    empty = [entry["image_id"] for entry in entries if not entry["caption"].strip()]
-    if empty:
-        raise InputError(f"{path}: {len(empty)} caption(s) are empty, for image id(s) {_examples(empty)}")
     return {entry["image_id"]: entry["caption"] for entry in entries}
+
+
+def describe_empty_captions(predictions: dict[ImageId, str], source: str) -> str | None:
+    """A warning naming the captions with no word in them (the PTB tokenizer leaves nothing of "" or
+    "."): they are scored, as zero, but a reader should know. None when there are none."""
+    empty = [image_id for image_id, caption in predictions.items() if not any(c.isalnum() for c in caption)]
+    if not empty:
+        return None
+    return f"warning: {len(empty)} caption(s) in {source} have no word and score 0: image id(s) {_examples(empty)}"
 
 
 def references_from_features(feature_file: FeatureFile) -> dict[ImageId, list[str]]:

@@ -17,11 +17,12 @@ LINE_SPACING = 4
 MAX_CAPTION_LINES = 4
 
 
-def _image_format(path: Path) -> str:
+def sheet_format(path: str | os.PathLike) -> str:
     """PIL's format name for the sheet's file extension (written to a temporary file, so not guessed)."""
-    image_format = Image.registered_extensions().get(path.suffix.lower())
+    suffix = Path(path).suffix
+    image_format = Image.registered_extensions().get(suffix.lower())
     if image_format is None or image_format not in Image.SAVE:
-        raise InputError(f"{path}: cannot write a contact sheet as {path.suffix or 'a file without extension'}")
+        raise InputError(f"{path}: cannot write a contact sheet as {suffix or 'a file without extension'}")
     return image_format
 
 
@@ -49,7 +50,7 @@ def draw_contact_sheet(
     if not images:
         raise InputError(f"{output}: no captioned image to draw")
     output = Path(output)
-    image_format = _image_format(output)
+    image_format = sheet_format(output)
     font = ImageFont.load_default(size=14)
     line_height = font.getbbox("Ag")[3] + LINE_SPACING
     text_height = MAX_CAPTION_LINES * line_height

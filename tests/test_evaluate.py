@@ -179,7 +179,7 @@ def test_ptb_tokenize_matches_the_toolkit_tokenizer():
 
 
 def test_an_empty_generated_caption_scores_zero():
-    # A barely trained model can stop at once; only a predictions *file* with empty captions is refused.
+    # A barely trained model can stop at once: its empty caption is scored, as zero.
     scores = score_captions({1: "", 2: "two cats on a mat"}, {1: ["a dog"], 2: ["two cats on a mat"]}, FAST_METRICS)
     assert all(value == pytest.approx(0.0, abs=1e-6) for value in scores.per_image[1].values())
     assert scores.per_image[2]["Bleu_1"] == pytest.approx(1.0, abs=1e-6)
@@ -268,6 +268,7 @@ def test_checkpoint_captions_a_feature_file_and_scores_it(tmp_path, checkpoint_p
     assert json.loads(output.read_text()) == json.loads(json.dumps(report))
     settings = report["settings"]
     assert settings["checkpoint"] == str(checkpoint_path) and settings["image_count"] == 3
+    assert settings["split"] == "test"  # from the feature file's meta
     assert settings["decoding"]["method"] == "greedy" and settings["decoding"]["max_length"] == 6
     model = load_checkpoint(checkpoint_path)
     tokenizer = load_tokenizer(model.config.lm_name)
@@ -302,6 +303,18 @@ def test_score_captioner_for_training_time_evaluation(tmp_path, checkpoint_path)
     assert model.training  # evaluation leaves the model as it found it
 
 
+def test_captions_without_words_are_named_and_score_zero(tmp_path, capsys):
+    predictions = [{"image_id": 101, "caption": " "}, {"image_id": 102, "caption": "."}]
+    predictions.append({"image_id": 103, "caption": REFERENCES[103][0]})
+    predictions_path = write_json(tmp_path / "preds.json", predictions)
+    report = run_evaluate("--predictions", predictions_path, "--references", write_coco(tmp_path / "refs.json"))
+    expected = f"warning: 2 caption(s) in {predictions_path} have no word and score 0: image id(s) 101, 102"
+    assert expected in capsys.readouterr().out
+    per_image = {entry["image_id"]: entry for entry in report["per_image"]}
+    assert per_image[101]["Bleu_1"] == pytest.approx(0.0, abs=1e-6) and per_image[101]["CIDEr"] == 0.0
+    assert per_image[103]["Bleu_1"] == pytest.approx(1.0, abs=1e-6)
+
+
 # ---- bad input ----
 
 
@@ -310,8 +323,6 @@ def test_score_captioner_for_training_time_evaluation(tmp_path, checkpoint_path)
     [
         ([{"image_id": 101, "caption": "a"}, {"image_id": 101, "caption": "b"}, {"image_id": 102, "caption": "c"}],
          "1 image id(s) have more than one caption: 101"),
-        ([{"image_id": 101, "caption": " "}, {"image_id": 102, "caption": ""}, {"image_id": 103, "caption": "x"}],
-         "2 caption(s) are empty, for image id(s) 101, 102"),
         ([{"image_id": i, "caption": "a cat"} for i in (101, 102, 103, 7, 8)],
          "2 of 5 image id(s) in PRED have no references in REF: 7, 8"),
         ([{"image_id": str(i), "caption": "a cat"} for i in (101, 102, 103)], "differ only in type"),

@@ -153,6 +153,8 @@ def test_bad_inputs_are_one_line(tmp_path, checkpoint, tiny_gpt2_dir, images, en
         main(parse_args([image, "--checkpoint", str(tmp_path / "missing.pt")]))
     with pytest.raises(InputError, match="exactly one"):
         main(parse_args([image]))
+    with pytest.raises(InputError, match="cannot write a contact sheet as .txt"):  # before loading anything
+        main(parse_args([image, "--checkpoint", str(tmp_path / "missing.pt"), "--sheet", "sheet.txt"]))
     # ClipCap weights given with the wrong settings.
     model = build_captioner(CaptionerConfig(feature_dim=32, prefix_length=4, lm_name=str(tiny_gpt2_dir)))
     weights = tmp_path / "coco_weights.pt"
