@@ -42,6 +42,8 @@ DINOV2_MODELS = {
     "dinov2_vitl14_reg": "facebook/dinov2-with-registers-large",
     "dinov2_vitg14_reg": "facebook/dinov2-with-registers-giant",
 }
+# OpenAI CLIP's ResNets (ClipCap's transformer_weights.pt was trained on RN50x4): transformers has none.
+CLIP_RESNETS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")
 # transformers model_type -> family, for ids and directories given instead of a short name.
 FAMILY_OF_MODEL_TYPE = {
     "clip": "clip",
@@ -120,6 +122,11 @@ def _first_line(error: Exception) -> str:
 
 def _resolve_name(name: str, family: str | None) -> tuple[str, str | None]:
     """A short name becomes its transformers id and family; anything else passes through."""
+    if name in CLIP_RESNETS:
+        raise InputError(
+            f"{name}: OpenAI's ResNet CLIP models have no transformers version, so they cannot encode images "
+            f"here; caption features extracted by ClipCap's parse_coco.py with --features instead"
+        )
     for table_family, table in (("clip", CLIP_MODELS), ("dinov2", DINOV2_MODELS)):
         if name in table:
             if family is not None and family != table_family:

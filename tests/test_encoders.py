@@ -166,7 +166,8 @@ def test_encoder_from_spec_rebuilds_the_same_encoder(encoders):
 @pytest.mark.parametrize(
     ("name", "options", "message"),
     [
-        ("RN50x4", {}, "unknown image encoder 'RN50x4': not a short name"),
+        ("RN50x4", {}, "RN50x4: OpenAI's ResNet CLIP models have no transformers version.*--features"),
+        ("ViT-H/14", {}, "unknown image encoder 'ViT-H/14': not a short name"),
         ("ViT-B/32", {"family": "dinov2"}, "'ViT-B/32' is a clip model, not dinov2"),
         ("dinov2_vitb14", {}, r"cannot load image encoder 'dinov2_vitb14' \(facebook/dinov2-base\)"),
         ("{clip}", {"family": "dinov2"}, "is a clip model, not dinov2"),

@@ -2,6 +2,7 @@
 COCO results JSON and a contact sheet out; original ClipCap state dicts through --weights; bad input."""
 
 import json
+import pickle
 import subprocess
 import sys
 
@@ -145,6 +146,31 @@ def test_clipcap_state_dict_captions_through_weights(tmp_path, tiny_gpt2_dir, im
     options = DecodingOptions(method="beam", beam_size=3, max_length=6, stop_token=".")
     expected = captions_of(model.eval(), load_tokenizer(str(tiny_gpt2_dir)), batch.features, options)
     assert capsys.readouterr().out.splitlines() == [f"{path}\t{caption}" for path, caption in zip(paths, expected)]
+
+
+def test_clipcap_transformer_weights_caption_a_clipcap_feature_pickle(tmp_path, tiny_gpt2_dir, capsys):
+    """The route for ClipCap's transformer_weights.pt, trained on RN50x4 features no transformers model
+    gives: its own parse_coco.py pickle (plain pickle.dump of tensors, 640-d there) through --features."""
+    torch.manual_seed(2)
+    settings = {"mapping_type": "transformer", "prefix_length": 4, "prefix_length_clip": 3, "num_layers": 2}
+    model = build_captioner(
+        CaptionerConfig(feature_dim=40, lm_name=str(tiny_gpt2_dir), normalize_prefix=True, **settings)
+    )
+    model.freeze_lm()
+    weights = tmp_path / "transformer_weights.pt"
+    torch.save({name: value for name, value in model.state_dict().items() if name.startswith("clip_project.")}, weights)
+    features = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    captions = [{"image_id": image_id, "caption": "x", "clip_embedding": row} for row, image_id in enumerate((5, 9, 1))]
+    pickle_path = tmp_path / "oscar_split_RN50x4_test.pkl"
+    with open(pickle_path, "wb") as handle:
+        pickle.dump({"clip_embedding": features, "captions": captions}, handle)  # as ClipCap's parse_coco.py
+
+    flags = [f"--{key}={value}" for key, value in settings.items()] + ["--normalize_prefix", "--decode", "greedy"]
+    common = ["--weights", str(weights), "--gpt2", str(tiny_gpt2_dir), "--device", "cpu", "--max_length", "6"]
+    main(parse_args(["--features", str(pickle_path), *common, *flags]))
+    options = DecodingOptions(method="greedy", max_length=6, stop_token=".")
+    expected = captions_of(model.eval(), load_tokenizer(str(tiny_gpt2_dir)), features, options)
+    assert capsys.readouterr().out.splitlines() == [f"{i}\t{c}" for i, c in zip((5, 9, 1), expected)]
 
 
 def test_bad_inputs_are_one_line(tmp_path, checkpoint, tiny_gpt2_dir, images, encoder_spec):
