@@ -45,6 +45,34 @@ class TrainingOptions:
     cache_dir: str | None
 
 
+# Flags that must be at least this; checked before anything is read or written.
+MINIMUMS = {
+    "epochs": 1,
+    "save_every": 1,
+    "save_latest_every": 1,
+    "prefix_length": 1,
+    "prefix_length_clip": 1,
+    "batch_size": 1,
+    "num_layers": 1,
+    "warmup_steps": 0,
+    "weight_decay": 0,
+    "max_grad_norm": 0,
+    "eval_every": 0,
+    "num_workers": 0,
+}
+FLAG_NAMES = {"batch_size": "bs"}  # where the flag's name is not the option's
+
+
+def check_option_values(options: TrainingOptions) -> None:
+    """Numeric flags in range (one InputError line), before anything is read, built or deleted."""
+    for name, minimum in MINIMUMS.items():
+        value = getattr(options, name)
+        if value < minimum:
+            raise InputError(f"--{FLAG_NAMES.get(name, name)} {value}: must be at least {minimum}")
+    if not options.lr > 0:
+        raise InputError(f"--lr {options.lr}: must be positive")
+
+
 def captioner_config(options: TrainingOptions, features: FeatureFile) -> CaptionerConfig:
     """The model config: architecture from the flags, feature width and encoder from the feature file."""
     if options.dino_feature_dim is not None and options.dino_feature_dim != features.feature_dim:

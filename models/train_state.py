@@ -70,16 +70,19 @@ class RunFiles:
         numbered = self.out_dir.glob(f"{self.prefix}-[0-9][0-9][0-9]*.pt") if self.out_dir.is_dir() else []
         return sorted([path for path in fixed if path.exists()] + list(numbered))
 
-    def claim(self, overwrite: bool, remove: bool) -> None:
-        """Refuse to start over an earlier run unless `overwrite`; then (if `remove`) delete its files."""
+    def check_free(self, overwrite: bool) -> None:
+        """Refuse to start over an earlier run unless `overwrite`."""
         existing = self.existing()
         if existing and not overwrite:
             raise InputError(
                 f"{self.out_dir} already holds run '{self.prefix}' ({existing[0].name}, ...): "
                 f"continue it with --resume {self.out_dir}, or start over with --overwrite"
             )
-        for path in existing if remove else []:
-            path.unlink()  # stale epoch checkpoints of the old run would mix with the new run's
+
+    def remove_existing(self) -> None:
+        """Delete an earlier run's files (--overwrite): its stale epoch checkpoints would mix with the new run's."""
+        for path in self.existing():
+            path.unlink()
 
 
 def resume_path(resume: str, prefix: str) -> Path:

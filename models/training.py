@@ -22,7 +22,7 @@ from models.checkpoint import build_captioner, load_state_into, load_tokenizer, 
 from models.decoding import DecodingOptions
 from models.runtime import DistributedContext, autocast, close_distributed, init_distributed, resolve_precision
 from models.scoring import require_java, score_captioner
-from models.train_options import TrainingOptions, captioner_config
+from models.train_options import TrainingOptions, captioner_config, check_option_values
 from models.train_state import (
     TRAJECTORY_OPTIONS,
     RunFiles,
@@ -72,6 +72,7 @@ class Trainer:
     """One training run: the model, its optimizer and schedule, the data, and where the run stands."""
 
     def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device):
+        check_option_values(options)
         self.options, self.context, self.device = options, context, device
         self.precision = resolve_precision(options.precision, device)
         self.files = RunFiles(Path(options.out_dir), options.prefix)
@@ -80,7 +81,7 @@ class Trainer:
             source = resume_path(options.resume, options.prefix)
             checkpoint = read_resume_checkpoint(source)
         else:
-            self.files.claim(options.overwrite, remove=context.is_main)
+            self.files.check_free(options.overwrite)
 
         if options.eval_every > 0:
             if not options.val_data:
@@ -123,6 +124,8 @@ class Trainer:
             torch.manual_seed(options.seed + context.rank)  # dropout differs between ranks
         device_ids = [device.index] if device.type == "cuda" else None
         self.network = DistributedDataParallel(self.model, device_ids=device_ids) if context.enabled else self.model
+        if checkpoint is None and options.overwrite and context.is_main:
+            self.files.remove_existing()  # only now that the data, flags and model have all checked out
 
     def _trajectory(self) -> dict:
         return {name: getattr(self.options, name) for name in TRAJECTORY_OPTIONS}

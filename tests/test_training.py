@@ -249,8 +249,33 @@ def test_existing_run_needs_resume_or_overwrite_and_resume_checks_the_width(tmp_
                 [*train_args(data, out_dir, tiny_gpt2_dir, "--epochs", "1", "--resume", str(out_dir)), "--lr", "0.1"]
             )
         )
+    # --overwrite with a bad input fails before it deletes anything.
+    files = sorted(out_dir.iterdir())
+    for bad in (["--data", str(tmp_path / "missing.pkl")], ["--bs", "0"], ["--gpt2", str(tmp_path / "no_lm")]):
+        with pytest.raises(InputError):
+            train.main(
+                train.parse_args([*train_args(data, out_dir, tiny_gpt2_dir, "--epochs", "1", "--overwrite"), *bad])
+            )
+        assert sorted(out_dir.iterdir()) == files
     train.main(train.parse_args(train_args(data, out_dir, tiny_gpt2_dir, "--epochs", "1", "--overwrite")))
     assert len(read_log(out_dir)) == 1  # the old run's log is gone, not appended to
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--bs", "0", "--bs 0: must be at least 1"),
+        ("--epochs", "0", "--epochs 0: must be at least 1"),
+        ("--save_every", "0", "--save_every 0: must be at least 1"),
+        ("--prefix_length", "0", "--prefix_length 0: must be at least 1"),
+        ("--num_workers", "-1", "--num_workers -1: must be at least 0"),
+        ("--lr", "0", "--lr 0.0: must be positive"),
+    ],
+)
+def test_out_of_range_flags_are_one_line(tmp_path, tiny_gpt2_dir, flag, value, message):
+    args = train.parse_args([*train_args(tmp_path / "missing.pkl", tmp_path / "run", tiny_gpt2_dir), flag, value])
+    with pytest.raises(InputError, match=message):
+        train.main(args)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_gpt2_dir, monkeypatch):
