@@ -29,5 +29,7 @@ def read_json_input(path: str | os.PathLike, kind: str) -> Any:
             return json.load(handle)
     except FileNotFoundError:
         raise InputError(f"{path}: no such {kind}") from None
+    except OSError as error:  # a directory, no permission, an I/O error
+        raise InputError(f"{path}: cannot read this {kind} ({error.strerror or error})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: not valid JSON ({error})") from None

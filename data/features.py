@@ -56,6 +56,19 @@ try:  # numpy >= 2 moved its core; pickles written by numpy 1 still name the old
 except ImportError:
     from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
 
+
+def _numpy_frombuffer(buffer: bytes, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
+    # How pickle protocol 5 rebuilds an array (numpy's own _frombuffer), copied so it is writable.
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order).copy()
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    # Pickle protocol 2 stores bytes as `_codecs.encode(text, "latin1")`; nothing else is let through.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refuses _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 # Everything a feature file may import: tensors (ClipCap pickles torch tensors), numpy arrays
 # (some forks store those) and ordered dicts. Nothing here runs code of the file's choosing.
 _ALLOWED_GLOBALS = {
@@ -65,6 +78,9 @@ _ALLOWED_GLOBALS = {
     ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
     ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _numpy_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _numpy_frombuffer,
+    ("_codecs", "encode"): _latin1_bytes,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
 }
@@ -76,7 +92,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         allowed = _ALLOWED_GLOBALS.get((module, name))
         if allowed is None:
-            raise pickle.UnpicklingError(f"refuses to load '{module}.{name}' (a feature file holds only tensors and data)")
+            raise pickle.UnpicklingError(
+                f"refuses to load '{module}.{name}' (a feature file holds only tensors and data)"
+            )
         return allowed
 
 
@@ -87,6 +105,8 @@ def restricted_load(path: str | os.PathLike) -> Any:
             return RestrictedUnpickler(handle).load()
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
+    except OSError as error:  # a directory, no permission, an I/O error
+        raise InputError(f"{path}: cannot be read ({error.strerror or error})") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, RuntimeError) as error:
         raise InputError(f"{path}: not a readable feature file: {error}") from None
 
@@ -119,6 +139,8 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
         if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < num_rows:
             raise InputError(f"{path}: caption {number} has row index {row!r}, outside 0..{num_rows - 1}")
     meta = content.get("meta") or {}
+    if not isinstance(meta, dict) or not isinstance(meta.get("encoder", {}), dict):
+        raise InputError(f"{path}: 'meta' must be a dict, and its 'encoder' a dict when present")
     return FeatureFile(embeddings.float().contiguous(), captions, dict(meta))
 
 

@@ -118,3 +118,5 @@ def test_bad_annotation_files_are_one_line_input_errors(tmp_path, content, split
 def test_missing_annotation_file(tmp_path):
     with pytest.raises(InputError, match="no such annotation file"):
         read_annotations(tmp_path / "absent.json")
+    with pytest.raises(InputError, match=f"{tmp_path}: cannot read this annotation file"):
+        read_annotations(tmp_path)  # a directory

@@ -31,8 +31,9 @@ def test_our_file_round_trips_exactly(tmp_path):
     assert loaded.image_rows() == {5: 0, 9: 1, 2: 2}
 
 
+@pytest.mark.parametrize("protocol", [2, 4, pickle.HIGHEST_PROTOCOL])
 @pytest.mark.parametrize("as_numpy", [False, True])
-def test_clipcap_plain_pickle_loads(tmp_path, as_numpy):
+def test_clipcap_plain_pickle_loads(tmp_path, as_numpy, protocol):
     """ClipCap's parse_coco.py: pickle.dump({"clip_embedding": torch.cat(...), "captions": ...}) with no meta."""
     embeddings = torch.randn(2, 4)
     captions = [
@@ -40,7 +41,8 @@ def test_clipcap_plain_pickle_loads(tmp_path, as_numpy):
         {"image_id": 8, "caption": "a cat", "id": 2, "clip_embedding": 1},
     ]
     with open(tmp_path / "clipcap.pkl", "wb") as handle:
-        pickle.dump({"clip_embedding": embeddings.numpy() if as_numpy else embeddings, "captions": captions}, handle)
+        content = {"clip_embedding": embeddings.numpy() if as_numpy else embeddings, "captions": captions}
+        pickle.dump(content, handle, protocol=protocol)
     loaded = read_feature_file(tmp_path / "clipcap.pkl")
     assert torch.equal(loaded.embeddings, embeddings) and loaded.captions == captions and loaded.meta == {}
 
@@ -83,6 +85,9 @@ def test_a_pickle_that_would_write_a_file_is_refused_and_writes_nothing(tmp_path
     assert not victim.exists()
 
 
+ONE_CAPTION = [{"image_id": 1, "caption": "x", "clip_embedding": 0}]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -95,12 +100,27 @@ def test_a_pickle_that_would_write_a_file_is_refused_and_writes_nothing(tmp_path
             ),
             "row index 2, outside 0..1",
         ),
+        (
+            pickle.dumps({"clip_embedding": np.zeros((1, 3)), "captions": ONE_CAPTION, "meta": ["not", "a dict"]}),
+            "'meta' must be a dict",
+        ),
+        (
+            pickle.dumps({"clip_embedding": np.zeros((1, 3)), "captions": ONE_CAPTION, "meta": {"encoder": "ViT"}}),
+            "its 'encoder' a dict",
+        ),
+        # _codecs.encode is let through for protocol 2's latin-1 bytes only.
+        (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x05\x00\x00\x00utf-8\x86R.", "refuses _codecs.encode"),
     ],
 )
 def test_bad_feature_files_are_one_line_input_errors(tmp_path, content, message):
     (tmp_path / "bad.pkl").write_bytes(content)
     with pytest.raises(InputError, match=message):
         read_feature_file(tmp_path / "bad.pkl")
+
+
+def test_a_directory_is_not_a_feature_file(tmp_path):
+    with pytest.raises(InputError, match=f"{tmp_path}: cannot be read"):
+        read_feature_file(tmp_path)
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
