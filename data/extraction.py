@@ -129,7 +129,8 @@ def extract_features(
     paths = [images_dir / record.file_path for record in records]
     spec = encoder.spec.to_dict()
     file_paths = [record.file_path for record in records]
-    store = PartialStore(output_file, fingerprint(spec, str(captions_file), split, str(images_dir), file_paths))
+    settings = fingerprint(spec, precision, str(captions_file), split, str(images_dir), file_paths)
+    store = PartialStore(output_file, settings)
     if resume:
         store.check()
     if context.is_main:
@@ -172,6 +173,7 @@ def extract_features(
         "encoder": spec,
         "feature_type": spec["feature_type"],
         "image_size": spec["crop_dim"],
+        "precision": precision,
         "split": split,
         "captions_file": str(captions_file),
         "images_dir": str(images_dir),

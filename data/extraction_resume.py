@@ -40,12 +40,13 @@ class Chunk:
 
 
 def fingerprint(
-    encoder_spec: dict, captions_file: str, split: str | None, images_dir: str, file_paths: list[str]
+    encoder_spec: dict, precision: str, captions_file: str, split: str | None, images_dir: str, file_paths: list[str]
 ) -> dict:
     """What must not change between an interrupted run and its resumption."""
     paths_digest = hashlib.sha256("\n".join(file_paths).encode("utf-8")).hexdigest()
     return {
         "encoder": encoder_spec,
+        "precision": precision,  # bf16 features resumed in fp32 would not equal either run
         "captions_file": str(Path(captions_file).resolve()),
         "split": split,
         "images_dir": str(Path(images_dir).resolve()),

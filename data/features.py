@@ -9,6 +9,7 @@ from other people.
 """
 
 import collections
+import hashlib
 import io
 import os
 import pickle
@@ -36,6 +37,10 @@ class FeatureFile:
     @property
     def feature_dim(self) -> int:
         return self.embeddings.shape[1]
+
+    def embeddings_digest(self) -> str:
+        """A short hash of the feature values, to tell two files with the same captions apart."""
+        return hashlib.sha256(self.embeddings.contiguous().numpy().tobytes()).hexdigest()[:16]
 
     def image_rows(self) -> dict[Any, int]:
         """Image id -> row, in row order (the first caption of an image names its row)."""

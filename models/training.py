@@ -114,7 +114,7 @@ class Trainer:
             "step": 0,
             "epoch": 0,
             "batch_in_epoch": 0,
-            "data": self.train_set.tokenized.key,
+            "data": f"{self.train_set.tokenized.key}-{train_file.embeddings_digest()}",  # captions and features
             "best_cider": None,  # with --eval_every: the best validation CIDEr so far, kept in {prefix}_best.pt
         }
         self.last_saved: Path | None = None

@@ -130,7 +130,7 @@ def test_clip_script_end_to_end(coco, tiny_clip_dir, tmp_path, capsys):
         None,
     )
     assert (meta["num_images"], meta["num_captions"], meta["num_skipped"]) == (len(GOOD), 5 * len(GOOD), len(BAD))
-    assert meta["captions_file"] == str(coco["captions_file"])
+    assert meta["captions_file"] == str(coco["captions_file"]) and meta["precision"] == "fp32"
 
     report = json.loads((tmp_path / "clip.skipped.json").read_text())
     assert [(entry["image_id"], entry["reason"].split(" (")[0]) for entry in report["skipped"]] == [
@@ -213,7 +213,8 @@ def test_nothing_encoded_exits_non_zero_with_one_line(coco, tiny_clip_dir, tmp_p
     [
         ("--coco_images_dir", "{tmp}/no_such_dir", "--coco_images_dir {tmp}/no_such_dir: no such directory"),
         ("--captions_file", "{tmp}/broken.json", "{tmp}/broken.json: not valid JSON"),
-        ("--clip_model_type", "RN50", "unknown image encoder 'RN50'"),
+        ("--clip_model_type", "ViT-H/14", "unknown image encoder 'ViT-H/14'"),
+        ("--clip_model_type", "RN50", "RN50: OpenAI's ResNet CLIP models have no transformers version"),
     ],
 )
 def test_bad_input_stops_with_one_line(coco, tiny_clip_dir, tmp_path, capsys, flag, value, message):

@@ -243,6 +243,11 @@ def test_existing_run_needs_resume_or_overwrite_and_resume_checks_the_width(tmp_
         train.main(
             train.parse_args(train_args(wider, out_dir, tiny_gpt2_dir, "--epochs", "1", "--resume", str(out_dir)))
         )
+    moved = write_features(tmp_path / "moved.pkl", [CAPTIONS[:2], CAPTIONS[2:4]], seed=7)  # same captions
+    with pytest.raises(InputError, match="--data is not the feature file the saved run trained on"):
+        train.main(
+            train.parse_args(train_args(moved, out_dir, tiny_gpt2_dir, "--epochs", "1", "--resume", str(out_dir)))
+        )
     with pytest.raises(InputError, match="lr is 0.1 here but 0.003"):
         train.main(
             train.parse_args(
