@@ -62,8 +62,6 @@ class DecodingOptions:
             raise InputError(f"--top_p {self.top_p}: must be in (0, 1]")
         if self.top_k < 0:
             raise InputError(f"--top_k {self.top_k}: must be 0 (off) or positive")
-        if self.stop_token == "":
-            raise InputError("--stop_token: empty; leave it out to stop at EOS only")
 
 
 def add_decoding_args(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +92,7 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--stop_token",
         default=defaults.stop_token,
-        help='a one-token text that also ends a caption, kept in it (ClipCap models: ".")',
+        help='a one-token text that also ends a caption, kept in it (predict.py --weights: "." unless given; "": EOS only)',
     )
 
 
@@ -114,8 +112,9 @@ def decoding_options_from_args(args: argparse.Namespace) -> DecodingOptions:
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, stop_token: str | None) -> tuple[int, ...]:
-    """The id of --stop_token, which must be a single token of this tokenizer; () for none."""
-    if stop_token is None:
+    """The id of --stop_token, which must be a single token of this tokenizer; () for none ("" included:
+    it turns off the "." that --weights stops at by default)."""
+    if not stop_token:
         return ()
     ids = tokenizer.encode(stop_token, add_special_tokens=False)
     if len(ids) != 1:

@@ -158,6 +158,7 @@ def test_stop_token_text_is_kept_and_eos_dropped(tokenizer):
     assert caption_text(tokenizer, [*words, tokenizer.eos_token_id]) == "a dog"
     with pytest.raises(InputError, match="stop_token"):
         stop_token_ids(tokenizer, "a dog sitting")
+    assert stop_token_ids(tokenizer, None) == stop_token_ids(tokenizer, "") == ()  # "": EOS only
 
 
 def test_max_length_bounds_every_method(captioner, prefix, tokenizer):

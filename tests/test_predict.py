@@ -171,6 +171,10 @@ def test_clipcap_transformer_weights_caption_a_clipcap_feature_pickle(tmp_path, 
     options = DecodingOptions(method="greedy", max_length=6, stop_token=".")
     expected = captions_of(model.eval(), load_tokenizer(str(tiny_gpt2_dir)), features, options)
     assert capsys.readouterr().out.splitlines() == [f"{i}\t{c}" for i, c in zip((5, 9, 1), expected)]
+    # --stop_token "" turns the "." off: EOS or --max_length only.
+    main(parse_args(["--features", str(pickle_path), *common, *flags, "--stop_token", ""]))
+    expected = captions_of(model, load_tokenizer(str(tiny_gpt2_dir)), features, DecodingOptions("greedy", max_length=6))
+    assert capsys.readouterr().out.splitlines() == [f"{i}\t{c}" for i, c in zip((5, 9, 1), expected)]
 
 
 def test_bad_inputs_are_one_line(tmp_path, checkpoint, tiny_gpt2_dir, images, encoder_spec):
