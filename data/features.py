@@ -51,8 +51,8 @@ class FeatureFile:
 
 
 def _load_storage_from_bytes(data: bytes) -> Any:
-    # A tensor pickled with plain pickle carries its storage as bytes written by torch.save;
-    # torch's own hook would load them with weights_only=False.
+    # A tensor pickled with plain pickle carries its storage as bytes written by torch.save.
+    # torch's own hook unpickles those bytes unrestricted; here they go through the weights-only loader.
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
