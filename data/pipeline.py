@@ -5,7 +5,6 @@ constant caption (the most common training caption given to every test image).""
 
 import codecs
 import collections
-import json
 import os
 import shlex
 import shutil
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.annotations import read_annotations
-from data.errors import InputError
+from data.errors import InputError, read_json_input
 from data.predictions import write_coco_results
 from data.references import read_predictions
 from data.synthetic import DATASET_FILE, SPLITS, attribute_accuracy, chance_levels, generate_dataset, read_scenes
@@ -203,8 +202,7 @@ def run_stage(name: str, argv: list[str], env: dict[str, str]) -> None:
 
 
 def _scores(path: Path) -> dict[str, float]:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)["scores"]
+    return read_json_input(path, "metrics file")["scores"]
 
 
 def format_comparison(result: DemoResult) -> str:

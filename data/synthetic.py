@@ -12,7 +12,6 @@ never jittered (background noise drowns the objects' colors), and positions vary
 
 import argparse
 import collections
-import json
 import math
 import os
 import random
@@ -25,7 +24,7 @@ from PIL import Image, ImageChops, ImageDraw
 from tqdm import tqdm
 
 from data.atomic import atomic_write, write_json_atomic
-from data.errors import InputError, exit_on_input_error
+from data.errors import InputError, exit_on_input_error, read_json_input
 
 DATASET_FILE = "dataset_synthetic.json"
 SPLITS = ("train", "val", "test")  # also the folders of their images: the Karpathy `filepath`
@@ -204,8 +203,7 @@ def attribute_accuracy(scenes: dict, captions: dict) -> dict[str, float]:
 
 def read_scenes(dataset_path: str | os.PathLike, split: str) -> dict[int, dict]:
     """Image id -> the scene a generated dataset file records for it, for the images of `split`."""
-    with open(dataset_path, encoding="utf-8") as handle:
-        images = json.load(handle)["images"]
+    images = read_json_input(dataset_path, "dataset file")["images"]
     return {image["cocoid"]: image["scene"] for image in images if image["split"] == split}
 
 

@@ -3,6 +3,7 @@ batched across images and stepping the LM one token at a time with its key/value
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +25,13 @@ class Hypothesis:
     score: float  # log_prob / len(tokens)
 
 
+@functools.cache
+def _cache_keyword(lm_class: type) -> str:
+    # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name is deprecated).
+    # Looked up once per LM class: decoding builds rows for every batch.
+    return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"
+
+
 class LanguageModelRows:
     """The rows being decoded, as the LM sees them: a KV cache that grows by one token a step, or
     (use_cache=False) the whole embedded sequence, recomputed at every step as ClipCap does."""
@@ -32,8 +40,7 @@ class LanguageModelRows:
         self.lm = lm
         self.embed_tokens = lm.get_input_embeddings()
         self.cache = DynamicCache(config=lm.config) if use_cache else None
-        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name is deprecated).
-        self.cache_keyword = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        self.cache_keyword = _cache_keyword(type(lm))
         self.sequence = prefix_embeds  # (R, P, E); grows by one embedding a step without the cache
 
     def start(self) -> torch.Tensor:
