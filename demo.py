@@ -11,8 +11,8 @@ import dataclasses
 import time
 
 from data.errors import exit_on_input_error
-from data.pipeline import DemoOptions, DemoResult, format_comparison, run_demo
-from models.scoring import DEFAULT_METRICS
+from stages.demo import DemoOptions, DemoResult, format_comparison, run_demo
+from stages.evaluate import DEFAULT_METRICS
 
 TINY_LR, PRETRAINED_LR = 1e-3, 1e-4
 

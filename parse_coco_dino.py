@@ -7,8 +7,8 @@ r"""Stage 1 with DINOv2: encode each image of a caption file once into a feature
 import argparse
 
 from data.errors import exit_on_input_error
-from data.extraction_cli import add_extraction_arguments, run_extraction
 from models.encoders import DINOV2_CROP_DIM, DINOV2_MODELS, DINOV2_RESIZE_DIM, FEATURE_TYPES
+from stages.extract import add_extraction_arguments, run_extraction
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,10 +8,10 @@ import argparse
 
 from data.errors import exit_on_input_error
 from models.captioner import ClipCaptionModel
+from models.device import PRECISIONS
 from models.mappers import MAPPERS
-from models.runtime import PRECISIONS
-from models.train_options import TrainingOptions
-from models.training import run_training
+from stages.train import run_training
+from stages.train_options import TrainingOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ from data.errors import exit_on_input_error  # noqa: E402
 from models.captioner import ClipCaptionModel  # noqa: E402
 from models.config import CaptionerConfig  # noqa: E402
 from models.decoding import DecodingOptions, decode  # noqa: E402
-from models.runtime import autocast, resolve_device, resolve_precision  # noqa: E402
+from models.device import autocast, resolve_device, resolve_precision  # noqa: E402
 
 NO_TOKEN = -1  # an id no token has: used as EOS and as ClipCap's stop token, so nothing stops early
 

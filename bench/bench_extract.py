@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 
 from data.annotations import read_annotations  # noqa: E402
 from data.errors import exit_on_input_error  # noqa: E402
-from data.extraction import extract_features  # noqa: E402
 from data.images import load_rgb  # noqa: E402
+from models.device import autocast, resolve_device, resolve_precision  # noqa: E402
 from models.encoders import ImageEncoder, Preprocess, load_encoder  # noqa: E402
-from models.runtime import autocast, resolve_device, resolve_precision  # noqa: E402
+from stages.extract import extract_features  # noqa: E402
 
 # The architectures of openai/clip-vit-base-patch32 and facebook/dinov2-base.
 MODEL_CONFIGS = {

@@ -32,8 +32,8 @@ from data.captions import CaptionCollator  # noqa: E402
 from data.errors import exit_on_input_error  # noqa: E402
 from models.captioner import ClipCaptionModel  # noqa: E402
 from models.config import CaptionerConfig  # noqa: E402
-from models.runtime import resolve_device, resolve_precision  # noqa: E402
-from models.training import apply_gradients, compute_loss  # noqa: E402
+from models.device import resolve_device, resolve_precision  # noqa: E402
+from stages.train import apply_gradients, compute_loss  # noqa: E402
 
 MODES = ("only_prefix", "full")
 IMPLEMENTATIONS = ("clipcap", "ours")

@@ -1,4 +1,4 @@
-"""Models: image encoders, mappers, the captioner, checkpoints and decoding."""
+"""Models: image encoders, mappers, the captioner and its config, checkpoints, decoding, tiny test models."""
 
 from transformers.utils import logging as _transformers_logging
 

@@ -18,9 +18,9 @@ from models.decoding import (
     caption_text,
     decode,
     decoding_options_from_args,
+    filter_logits,
     stop_token_ids,
 )
-from models.search import filter_logits
 
 FEATURE_DIM = 16
 NUM_IMAGES = 6

@@ -11,7 +11,8 @@ import pytest
 
 import demo
 from data.errors import InputError
-from data.pipeline import (
+from data.synthetic import DATASET_FILE
+from stages.demo import (
     OUTPUT_NAMES,
     DemoOptions,
     DemoResult,
@@ -21,7 +22,6 @@ from data.pipeline import (
     stage_commands,
     write_constant_predictions,
 )
-from data.synthetic import DATASET_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo at a fifth of its size: 600 training images, 6 short epochs, CIDEr only (METEOR's Java is slow).

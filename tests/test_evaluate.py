@@ -1,4 +1,4 @@
-"""evaluate.py and models/scoring.py: the COCO caption metrics, reference formats, bad input."""
+"""evaluate.py and stages/evaluate.py: the COCO caption metrics, reference formats, bad input."""
 
 import json
 import math
@@ -13,11 +13,11 @@ import torch
 import evaluate
 from data.errors import InputError, exit_on_input_error
 from data.features import FeatureFile, read_feature_file, write_feature_file
-from models import scoring
 from models.checkpoint import build_captioner, load_checkpoint, load_tokenizer, save_checkpoint
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_features
-from models.scoring import ptb_tokenize, score_captioner, score_captions
+from stages import evaluate as scoring
+from stages.evaluate import ptb_tokenize, score_captioner, score_captions
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_METRICS = ["Bleu", "ROUGE_L", "CIDEr"]  # no METEOR: its JVM takes seconds to start

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import data.extraction
 import parse_coco_clip
 import parse_coco_dino
+import stages.extract
 from data.errors import InputError, exit_on_input_error
 from data.features import read_feature_file
 from data.images import load_rgb
@@ -235,7 +235,7 @@ def test_resume_continues_without_re_encoding_and_equals_an_uninterrupted_run(
     options = ("--batch_size", "2", "--checkpoint_every", "4", "--num_workers", "0")
     run_clip(coco, tiny_clip_dir, tmp_path / "whole.pkl", *options)
 
-    original = data.extraction.iter_encoded_batches
+    original = stages.extract.iter_encoded_batches
     encoded_paths: list[Path] = []
 
     def interrupted_after_three_batches(encoder, preprocess, paths, **kwargs):
@@ -249,7 +249,7 @@ def test_resume_continues_without_re_encoding_and_equals_an_uninterrupted_run(
         yield from original(encoder, preprocess, paths, **kwargs)
 
     output_file = tmp_path / "resumed.pkl"
-    monkeypatch.setattr(data.extraction, "iter_encoded_batches", interrupted_after_three_batches)
+    monkeypatch.setattr(stages.extract, "iter_encoded_batches", interrupted_after_three_batches)
     with pytest.raises(KeyboardInterrupt):
         run_clip(coco, tiny_clip_dir, output_file, *options)
     assert not output_file.exists()  # never a partial feature file at --output_file
@@ -264,7 +264,7 @@ def test_resume_continues_without_re_encoding_and_equals_an_uninterrupted_run(
     ):
         parse_coco_clip.main(parse_coco_clip.parse_args(other))
 
-    monkeypatch.setattr(data.extraction, "iter_encoded_batches", counting)
+    monkeypatch.setattr(stages.extract, "iter_encoded_batches", counting)
     run_clip(coco, tiny_clip_dir, output_file, *options, "--resume")
     all_paths = [coco_path(coco["images_dir"], image_id) for image_id in [*GOOD, *BAD]]
     assert encoded_paths == all_paths[4:]  # the 4 saved images are not read again

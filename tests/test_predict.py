@@ -12,7 +12,6 @@ from PIL import Image, ImageDraw
 
 from data.annotations import image_id_from_path
 from data.errors import InputError, exit_on_input_error
-from data.extraction import iter_encoded_batches
 from data.features import FeatureFile, write_feature_file
 from data.predictions import expand_image_inputs
 from data.sheet import draw_contact_sheet
@@ -20,8 +19,9 @@ from models.checkpoint import build_captioner, load_checkpoint, load_lm, load_to
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_features
 from models.encoders import load_encoder
-from models.prediction import caption_image_files
 from predict import main, parse_args
+from stages.extract import iter_encoded_batches
+from stages.predict import caption_image_files
 from tests.conftest import REPO
 
 IMAGE_NAMES = ("COCO_val2014_000000000042.jpg", "000000000007.png", "red circle.jpg")

@@ -15,7 +15,7 @@ from data.features import FeatureFile, write_feature_file
 from models.captioner import ClipCaptionModel
 from models.checkpoint import load_checkpoint, load_lm, load_tokenizer
 from models.decoding import DecodingOptions, caption_features
-from models.training import Trainer
+from stages.train import Trainer
 from tests.conftest import REPO
 
 CAPTIONS = [

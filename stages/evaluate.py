@@ -1,13 +1,14 @@
 """Caption metrics computed as the COCO caption toolkit (pycocoevalcap) computes them: the PTB
 tokenizer, then BLEU-1..4, METEOR, ROUGE-L, CIDEr(-D) and, when it can run, SPICE; overall and
-per image. Used by evaluate.py and by training-time evaluation."""
+per image; and evaluate.py's run. The metrics serve training-time evaluation too."""
 
+import argparse
 import math
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,22 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 from transformers import PreTrainedTokenizerBase
 
+from data.atomic import write_json_atomic
 from data.errors import InputError
-from data.features import FeatureFile
-from data.references import ImageId, check_matching_ids, references_from_features
+from data.features import FeatureFile, read_feature_file
+from data.references import (
+    ImageId,
+    check_matching_ids,
+    describe_empty_captions,
+    load_references,
+    read_predictions,
+    references_from_features,
+)
 from models.captioner import ClipCaptionModel
-from models.decoding import DecodingOptions
-from models.prediction import caption_feature_file
+from models.checkpoint import load_checkpoint, load_tokenizer
+from models.decoding import DecodingOptions, decoding_options_from_args
+from models.device import resolve_device, resolve_precision
+from stages.predict import caption_feature_file, check_feature_width
 
 # Metric groups as pycocoevalcap names them, and the score keys each one yields.
 METRIC_KEYS = {
@@ -243,3 +254,78 @@ def format_table(report: dict[str, Any]) -> str:
     lines += [f"{DISPLAY_NAMES.get(key, key):<8} skipped: {reason}" for key, reason in report["skipped"].items()]
     lines.append(f"{'images':<8} {report['settings']['image_count']:>7}")
     return "\n".join(lines)
+
+
+def _check_sources(args: argparse.Namespace) -> None:
+    if args.checkpoint is not None:
+        if args.features is None or args.predictions is not None:
+            raise InputError("--checkpoint needs --features (the images to caption) and no --predictions")
+    elif args.predictions is None or args.references is None or args.features is not None:
+        raise InputError("give --checkpoint X.pt --features FILE, or --predictions FILE --references FILE")
+    if args.batch_size < 1:
+        raise InputError(f"--batch_size {args.batch_size}: must be at least 1")
+
+
+def run_evaluation(args: argparse.Namespace) -> dict:
+    """evaluate.py's run: caption (with --checkpoint) or read predictions, score them, print the table; returns the report."""
+    _check_sources(args)
+    metrics = check_metrics([*args.metrics, *(["SPICE"] if args.spice else [])])
+    print("evaluate.py:", ", ".join(f"{name}={value}" for name, value in vars(args).items()))
+    require_java()  # before any decoding: every metric tokenizes with Java
+    references_name = args.references or args.features
+    all_references = load_references(references_name, args.split)
+    if args.checkpoint is not None:
+        options = decoding_options_from_args(args)
+        device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, device)
+        feature_file = read_feature_file(args.features)
+        predicted_ids, predictions_name = feature_file.image_rows(), f"the images of {args.features}"
+    else:
+        predictions = read_predictions(args.predictions)
+        predicted_ids, predictions_name = predictions, args.predictions
+    # Ids are paired before decoding, which can take long, so that a mismatch fails at once.
+    references = check_matching_ids(
+        predicted_ids,
+        all_references,
+        allow_missing=args.allow_missing,
+        predictions_name=predictions_name,
+        references_name=references_name,
+    )
+    split = args.split if args.checkpoint is None else feature_file.meta.get("split")
+    settings = {
+        "metrics": list(metrics),
+        "references": references_name,
+        "split": split,
+        "image_count": len(references),
+        "images_without_prediction": len(all_references) - len(references),  # > 0 only with --allow_missing
+    }
+    if args.checkpoint is not None:
+        model = load_checkpoint(args.checkpoint, map_location=device).to(device)
+        check_feature_width(feature_file.feature_dim, model, args.features)
+        captioned = caption_feature_file(
+            model,
+            load_tokenizer(model.config.lm_name),
+            feature_file,
+            options,
+            batch_size=args.batch_size,
+            device=device,
+            precision=precision,
+            progress=True,
+        )
+        predictions = {image_id: captions[0] for image_id, captions in captioned}  # the best caption of each image
+        settings.update(
+            checkpoint=args.checkpoint, features=args.features, decoding=asdict(options), precision=precision
+        )
+    else:
+        settings.update(predictions=args.predictions)
+    if (warning := describe_empty_captions(predictions, predictions_name)) is not None:
+        print(warning)
+    scores = score_captions({image_id: predictions[image_id] for image_id in references}, references, metrics)
+    report = metrics_report(scores, predictions, settings)
+    print(format_table(report))
+    if settings["images_without_prediction"]:
+        print(f"left out (--allow_missing): {settings['images_without_prediction']} images without a prediction")
+    if args.output:
+        write_json_atomic(args.output, report)
+        print(f"wrote {args.output}")
+    return report

@@ -20,10 +20,11 @@ from data.features import FeatureFile, read_feature_file
 from models.captioner import ClipCaptionModel
 from models.checkpoint import build_captioner, load_state_into, load_tokenizer, save_checkpoint, save_config_json
 from models.decoding import DecodingOptions
-from models.runtime import DistributedContext, autocast, close_distributed, init_distributed, resolve_precision
-from models.scoring import require_java, score_captioner
-from models.train_options import TrainingOptions, captioner_config, check_option_values
-from models.train_state import (
+from models.device import autocast, resolve_precision
+from stages.distributed import DistributedContext, close_distributed, init_distributed
+from stages.evaluate import require_java, score_captioner
+from stages.train_options import TrainingOptions, captioner_config, check_option_values
+from stages.train_state import (
     TRAJECTORY_OPTIONS,
     RunFiles,
     StepLog,

@@ -19,8 +19,8 @@ from data.errors import InputError, read_json_input
 from data.predictions import write_coco_results
 from data.references import read_predictions
 from data.synthetic import DATASET_FILE, SPLITS, attribute_accuracy, chance_levels, generate_dataset, read_scenes
-from models.scoring import DISPLAY_NAMES
 from models.tiny import save_tiny_clip, save_tiny_gpt2
+from stages.evaluate import DISPLAY_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAINED_ENCODER, PRETRAINED_LM = "ViT-B/32", "gpt2"

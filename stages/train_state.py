@@ -13,7 +13,7 @@ from data.atomic import atomic_write
 from data.errors import InputError
 from models.checkpoint import read_checkpoint
 from models.config import CaptionerConfig
-from models.runtime import DistributedContext
+from stages.distributed import DistributedContext
 
 # Options that decide the sequence of weights: a resumed run must keep them to reach the same weights.
 TRAJECTORY_OPTIONS = (
