@@ -22,7 +22,6 @@ from models.checkpoint import build_captioner, load_state_into, load_tokenizer, 
 from models.decoding import DecodingOptions
 from models.device import autocast, resolve_precision
 from stages.distributed import DistributedContext, close_distributed, init_distributed
-from stages.evaluate import require_java, score_captioner
 from stages.train_options import TrainingOptions, captioner_config, check_option_values
 from stages.train_state import (
     TRAJECTORY_OPTIONS,
@@ -87,6 +86,10 @@ class Trainer:
         if options.eval_every > 0:
             if not options.val_data:
                 raise InputError("--eval_every needs --val_data (the captions to score against)")
+            # Imported here: pycocoevalcap (and Java) are needed only where captions are scored, so
+            # training without --eval_every runs where they are missing (e.g. a bare GPU box).
+            from stages.evaluate import require_java
+
             require_java()  # now, not after the first epoch's work
         train_file = read_feature_file(options.data)
         self.config = captioner_config(options, train_file)
@@ -286,6 +289,8 @@ class Trainer:
         """Greedy-decode the validation images, score CIDEr and BLEU-4, keep `{prefix}_best.pt` (main process only)."""
         context_length = getattr(self.model.gpt.config, "max_position_embeddings", None) or 10**9
         options = DecodingOptions(method="greedy", max_length=min(67, context_length - self.config.prefix_length))
+        from stages.evaluate import score_captioner  # late, as require_java above
+
         scores = score_captioner(
             self.model,
             self.tokenizer,

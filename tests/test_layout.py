@@ -2,6 +2,8 @@
 data/ importing neither models/ nor stages/, models/ importing no stage, and no import cycles."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,17 @@ def test_no_import_cycles():
 )
 def test_the_cycle_finder_finds_cycles(graph, expected):
     assert find_cycle(graph) == expected
+
+
+def test_training_and_models_import_without_pycocoevalcap():
+    # A lent GPU box has torch and transformers but no pycocoevalcap: the scoring toolkit is imported
+    # only where captions are scored.
+    modules = ["models." + path.stem for path in sorted((REPO / "models").glob("*.py")) if path.stem != "__init__"]
+    code = (
+        "import sys\n"
+        f"for name in {[*modules, 'stages.train', 'stages.predict', 'stages.extract']!r}:\n"
+        "    __import__(name)\n"
+        "print(sorted(name for name in sys.modules if name.startswith('pycocoevalcap')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
