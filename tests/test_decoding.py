@@ -249,3 +249,14 @@ def test_too_long_for_the_lm_is_refused(captioner, prefix, tokenizer):
 def test_caption_text_drops_eos_and_folds_white_space(tokenizer):
     tokens = tokenizer.encode(" a red\n\tcircle  on\nblack ") + [tokenizer.eos_token_id]
     assert caption_text(tokenizer, tokens) == "a red circle on black"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_cuda_decoding_gives_the_cpu_captions(captioner, features, tokenizer, method):
+    options = DecodingOptions(method=method, max_length=MAX_LENGTH)
+    on_cpu = caption_features(captioner, tokenizer, features, options, batch_size=4, device="cpu")
+    on_cuda = caption_features(captioner.cuda(), tokenizer, features, options, batch_size=4, device="cuda")
+    captioner.cpu()
+    assert on_cuda == on_cpu  # fp32 on both: the same argmax at every step

@@ -279,6 +279,7 @@ def test_checkpoint_captions_a_feature_file_and_scores_it(tmp_path, checkpoint_p
     assert report["scores"] == rescored.overall
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_checkpoint_on_gpu_in_bf16(tmp_path, checkpoint_path):
     report = run_evaluate(

@@ -302,6 +302,7 @@ def test_torchrun_two_processes_write_one_merged_file(coco, tiny_clip_dir, tmp_p
     assert [entry["image_id"] for entry in report["skipped"]] == list(BAD)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_features_match_cpu(coco, tiny_clip_dir, tmp_path):
     run_clip(coco, tiny_clip_dir, tmp_path / "cpu.pkl", "--num_workers", "0")

@@ -307,6 +307,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     assert all(tensor.isfinite().all() for tensor in latest["model"].values() if tensor.is_floating_point())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed precision needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_cuda(tmp_path, tiny_gpt2_dir, precision):
