@@ -2,13 +2,17 @@
 path through the same `from_pretrained` code as the real ones. The tests and the demo use them:
 no download is needed."""
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
+from tokenizers import ByteLevelBPETokenizer, Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     Dinov2Config,
@@ -18,7 +22,8 @@ from transformers import (
     GPT2TokenizerFast,
 )
 
-END_OF_TEXT = "<|endoftext|>"  # GPT-2's EOS, also its BOS and our padding
+END_OF_TEXT = "<|endoftext|>"  # GPT-2's EOS, also its BOS and our padding; CLIP's EOS
+START_OF_TEXT = "<|startoftext|>"  # CLIP's BOS
 
 
 def save_tiny_clip(
@@ -44,6 +49,59 @@ def save_tiny_clip(
     )
     directory = Path(directory)
     CLIPVisionModelWithProjection(config).save_pretrained(directory)
+    return directory
+
+
+def train_clip_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> CLIPTokenizer:
+    """A CLIP tokenizer (BPE with `</w>` word ends over byte-level characters) trained on `texts`."""
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[START_OF_TEXT, END_OF_TEXT],
+        end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(texts, trainer)
+    state = json.loads(bpe.to_str())["model"]
+    # CLIPTokenizer(vocab=dict, merges=list of pairs) survives save_pretrained and AutoTokenizer.
+    return CLIPTokenizer(vocab=state["vocab"], merges=[tuple(pair) for pair in state["merges"]])
+
+
+def save_tiny_clip_model(
+    directory: str | os.PathLike,
+    texts: Iterable[str],
+    *,
+    image_size: int = 224,
+    patch_size: int = 32,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    projection_dim: int = 32,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> Path:
+    """A whole CLIP (vision and text towers, as `CLIPModel` saves it) and a tokenizer trained on `texts`."""
+    tokenizer = train_clip_tokenizer(texts, vocab_size)
+    torch.manual_seed(seed)
+    tower = {
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 4,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": max(1, hidden_size // 32),
+    }
+    text_config = {
+        **tower,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 77,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision_config = {**tower, "image_size": image_size, "patch_size": patch_size}
+    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection_dim)
+    directory = Path(directory)
+    CLIPModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return directory
 
 

@@ -1,0 +1,183 @@
+"""Stage 2b behind `train.py --scst`: self-critical sequence training (Rennie et al. 2017) from a train.py
+checkpoint. Each step samples captions per image with the batched, KV-cached sampler, scores them
+(CIDEr-D, CLIP-S, or both), subtracts a baseline (the other samples' mean, or the greedy caption's
+reward) and raises the log-probability of the captions that beat it. The run itself (checkpoints,
+resume, torchrun, evaluation) is train.py's Trainer; this module adds what differs."""
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from data.errors import InputError
+from data.features import FeatureFile, read_feature_file
+from data.references import ImageId, references_from_features
+from models.captioner import ClipCaptionModel
+from models.clip_score import ClipScorer
+from models.decoding import DecodingOptions, caption_text, decode
+from models.device import autocast
+from stages.rewards import CiderD, mean_of_others, normalize_caption, policy_gradient_loss
+
+
+class ImageRows(Dataset):
+    """One item per image of a feature file: (its feature row (D,), its index in `image_ids`)."""
+
+    def __init__(self, features: FeatureFile):
+        rows = features.image_rows()
+        self.image_ids: list[ImageId] = list(rows)
+        self.rows = torch.tensor(list(rows.values()), dtype=torch.int64)
+        self.embeddings = features.embeddings  # (N, D), shared, never modified
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.embeddings[self.rows[index]], index
+
+
+def collate_images(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (B, D), image indices (B,))."""
+    return torch.stack([feature for feature, _ in items]), torch.tensor([index for _, index in items])
+
+
+class RewardScorer:
+    """The reward of a caption for its image: CIDEr-D against the image's references in --data
+    (document frequencies from all of them), CLIP-S, or CIDEr-D + clip_weight * CLIP-S."""
+
+    def __init__(
+        self,
+        reward: str,
+        train_file: FeatureFile,
+        data_name: str,
+        *,
+        clip_model: str | None = None,
+        clip_features: str | None = None,
+        clip_weight: float = 1.0,
+        device: torch.device | str = "cpu",
+        progress: bool = False,
+    ):
+        self.reward, self.clip_weight = reward, clip_weight
+        self.cider = self.clip = None
+        if "cider" in reward:
+            references = references_from_features(train_file)
+            normalized = {image_id: [normalize_caption(c) for c in captions] for image_id, captions in references.items()}
+            self.cider = CiderD(normalized, progress=progress)
+        if "clip" in reward:
+            if not clip_model:
+                raise InputError(f"--reward {reward} needs --clip_model (a CLIP name, id or directory with both towers)")
+            self.clip = ClipScorer(clip_model, device)
+            self.image_embeds = clip_image_embeddings(self.clip.name, train_file, data_name, clip_features)
+
+    def __call__(self, image_ids: list[ImageId], captions: list[str]) -> torch.Tensor:
+        """One reward per caption, float32 on the CPU. (N,)"""
+        rewards = torch.zeros(len(captions))
+        if self.cider is not None:
+            rewards += torch.tensor(self.cider.scores(image_ids, [normalize_caption(c) for c in captions]))
+        if self.clip is not None:
+            embeds = torch.stack([self.image_embeds[image_id] for image_id in image_ids])
+            weight = self.clip_weight if self.cider is not None else 1.0
+            rewards += weight * self.clip.clip_s(embeds, captions).cpu()
+        return rewards
+
+
+def clip_image_embeddings(
+    clip_name: str, train_file: FeatureFile, data_name: str, clip_features: str | None
+) -> dict[ImageId, torch.Tensor]:
+    """Each training image's CLIP image embedding: from --data when it holds this model's image_embeds,
+    else from --clip_features, a parse_coco_clip.py file of this model over the same images."""
+    if clip_features is None:
+        source, source_name = train_file, data_name
+        if not _holds_image_embeds_of(train_file, clip_name):
+            raise InputError(
+                f"--data {data_name} does not hold image_embeds of {clip_name}; give --clip_features, "
+                f"a parse_coco_clip.py --clip_model_type {clip_name} file over the same images"
+            )
+    else:
+        source, source_name = read_feature_file(clip_features), clip_features
+        if not _holds_image_embeds_of(source, clip_name):
+            encoder = source.meta.get("encoder", {}) or {}
+            raise InputError(
+                f"--clip_features {clip_features} holds features of {encoder.get('name', 'an unrecorded encoder')}, "
+                f"not the image_embeds of --clip_model {clip_name}"
+            )
+    rows = source.image_rows()
+    missing = [image_id for image_id in train_file.image_rows() if image_id not in rows]
+    if missing:
+        raise InputError(f"{source_name} lacks {len(missing)} image(s) of --data, e.g. {missing[0]!r}")
+    return {image_id: source.embeddings[rows[image_id]] for image_id in train_file.image_rows()}
+
+
+def _holds_image_embeds_of(features: FeatureFile, clip_name: str) -> bool:
+    encoder = features.meta.get("encoder")
+    return isinstance(encoder, dict) and encoder.get("name") == clip_name and encoder.get("feature_type") == "image_embeds"
+
+
+def sampled_batch(
+    hypotheses: list[list], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded tokens and their mask (N, T) of every sampled caption, image-major (EOS included)."""
+    flat = [hypothesis.tokens for group in hypotheses for hypothesis in group]
+    longest = max(len(tokens) for tokens in flat)
+    tokens = torch.full((len(flat), longest), pad_token_id, dtype=torch.int64)
+    mask = torch.zeros((len(flat), longest), dtype=torch.int64)
+    for row, caption in enumerate(flat):
+        tokens[row, : len(caption)] = torch.tensor(caption)
+        mask[row, : len(caption)] = 1
+    return tokens, mask
+
+
+def token_log_probs(
+    network: torch.nn.Module, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """log p(token) of every caption token under the model, with gradients, in one teacher-forced pass. (N, T)"""
+    logits = network(features, tokens, mask, compute_loss=False).logits  # (N, T, V)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")
+    return -nll.view(tokens.shape)
+
+
+def scst_loss(
+    model: ClipCaptionModel,
+    network: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    features: torch.Tensor,
+    image_ids: list[ImageId],
+    scorer: RewardScorer,
+    *,
+    num_samples: int,
+    max_length: int,
+    baseline: str,
+    precision: str,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One SCST loss for a batch of images (B, D) on the model's device, and its statistics.
+
+    Sampling and the teacher-forced pass both run without dropout, so the log-probabilities are those
+    of the policy that drew the samples. Samples come from torch's global RNG (saved for --resume)."""
+    device = features.device
+    sample = DecodingOptions(method="sample", num_captions=num_samples, max_length=max_length)
+    with torch.no_grad(), autocast(device, precision):
+        prefix = model.embed_prefix(features)  # (B, P, E)
+        hypotheses = decode(model, prefix, tokenizer.eos_token_id, sample)  # B lists of K
+        greedy = None
+        if baseline == "greedy":
+            greedy_options = DecodingOptions(method="greedy", max_length=max_length)
+            greedy = decode(model, prefix, tokenizer.eos_token_id, greedy_options)
+    captions = [caption_text(tokenizer, hypothesis.tokens) for group in hypotheses for hypothesis in group]
+    sample_ids = [image_id for image_id in image_ids for _ in range(num_samples)]
+    rewards = scorer(sample_ids, captions).view(len(image_ids), num_samples)  # (B, K)
+    if greedy is None:
+        baselines = mean_of_others(rewards)
+    else:
+        greedy_captions = [caption_text(tokenizer, group[0].tokens) for group in greedy]
+        baselines = scorer(image_ids, greedy_captions).unsqueeze(1).expand_as(rewards)
+    tokens, mask = sampled_batch(hypotheses, tokenizer.pad_token_id)
+    tokens, mask = tokens.to(device), mask.to(device)
+    with autocast(device, precision):
+        log_probs = token_log_probs(network, features.repeat_interleave(num_samples, dim=0), tokens, mask)
+    advantages = (rewards - baselines).flatten().to(device)
+    loss = policy_gradient_loss(log_probs, mask, advantages)
+    stats = {
+        "reward": rewards.mean().item(),
+        "baseline": baselines.mean().item(),
+        "sample_length": mask.sum(dim=1).float().mean().item(),
+    }
+    return loss, stats

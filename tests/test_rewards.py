@@ -1,0 +1,130 @@
+"""SCST's rewards and loss: CIDEr-D equals pycocoevalcap's Cider, the Python caption normalization equals
+the PTB tokenizer on captions, CLIP-S by hand, the mean-of-others baseline, and the loss's sign."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pycocoevalcap.cider.cider import Cider
+
+from data.errors import InputError
+from models.checkpoint import build_captioner, load_lm
+from models.clip_score import ClipScorer
+from models.config import CaptionerConfig
+from models.tiny import save_tiny_clip_model
+from stages.evaluate import ptb_tokenize
+from stages.rewards import CiderD, mean_of_others, normalize_caption, policy_gradient_loss
+from stages.scst import token_log_probs
+from tests.conftest import TOKENIZER_TEXTS
+
+WORDS = "a the man dog red blue on in with two sitting riding bike street park of small large".split()
+
+
+def random_caption(rng: random.Random, shortest: int, longest: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(shortest, longest)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cider_d_equals_pycocoevalcap(seed):
+    rng = random.Random(seed)
+    # 400 images, 1-6 references each, candidates of 0-14 words (empty and one-word ones included)
+    references = {i: [random_caption(rng, 1, 12) for _ in range(rng.randint(1, 6))] for i in range(400)}
+    candidates = {i: [random_caption(rng, 0, 14)] for i in references}
+    corpus_score, theirs = Cider().compute_score(references, candidates)
+    ours = CiderD(references).scores(list(references), [candidates[i][0] for i in references])
+    assert np.abs(np.array(ours) - theirs).max() < 1e-6
+    assert abs(np.mean(ours) - corpus_score) < 1e-6
+    assert max(ours) > 1.0  # not a degenerate all-zero comparison
+
+
+def test_cider_d_of_a_reference_is_high_and_unknown_images_are_refused():
+    scorer = CiderD({1: ["a red dog on a bike", "a dog riding a red bike"], 2: ["two men in a park"]})
+    assert scorer.score(1, "a red dog on a bike") > scorer.score(1, "two men in a park") > -1e-12
+    with pytest.raises(InputError, match="image 3 has no references"):
+        scorer.score(3, "a dog")
+
+
+CAPTIONS = [
+    "A man's dog, riding a hot-dog stand... don't!",
+    "Two dogs (in a park).",
+    'It\'s a cat\'s toy; "quoted" text -- ok',
+    "A 3.5 inch pipe, $5 & 10% off",
+    "He can't won't isn't",
+    "cats' toys",
+    "e-mail at 5:30 p.m.",
+    "U.S. flag",
+    "a  red\tcircle",
+    "1,000 birds [flying] {x}",
+    "a cat/dog toy",
+    *TOKENIZER_TEXTS[:6],
+]
+
+
+def test_normalization_equals_the_ptb_tokenizer():
+    tokenized = ptb_tokenize({i: [caption] for i, caption in enumerate(CAPTIONS)})
+    assert [normalize_caption(caption) for caption in CAPTIONS] == [tokenized[i][0] for i in range(len(CAPTIONS))]
+
+
+def test_mean_of_others_baseline():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 6.0]])
+    assert torch.equal(mean_of_others(rewards), torch.tensor([[2.5, 2.0, 1.5], [3.0, 3.0, 0.0]]))
+    with pytest.raises(InputError, match="at least 2"):
+        mean_of_others(torch.ones(4, 1))
+
+
+def test_loss_is_the_mean_advantage_weighted_log_probability_of_sampled_tokens():
+    log_probs = torch.tensor([[-1.0, -2.0, -5.0], [-0.5, -9.0, -9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])  # 3 sampled tokens; padding does not count
+    advantages = torch.tensor([2.0, -1.0])
+    expected = -(2.0 * (-1.0 - 2.0) + -1.0 * -0.5) / 3
+    assert policy_gradient_loss(log_probs, mask, advantages).item() == pytest.approx(expected)
+
+
+def test_a_sample_above_the_baseline_gains_probability_after_one_sgd_step(tiny_gpt2_dir):
+    torch.manual_seed(0)
+    config = CaptionerConfig(feature_dim=8, prefix_length=2, lm_name=str(tiny_gpt2_dir))
+    model = build_captioner(config, load_lm(str(tiny_gpt2_dir))).eval()
+    features = torch.randn(1, 8).repeat(2, 1)
+    tokens = torch.tensor([[5, 9, 0], [17, 3, 0]])  # two samples of one image, the last token is EOS
+    mask = torch.ones_like(tokens)
+    advantages = torch.tensor([1.0, -1.0])  # the first beat the baseline, the second did not
+
+    def sequence_log_probs() -> torch.Tensor:
+        with torch.no_grad():
+            return token_log_probs(model, features, tokens, mask).sum(dim=1)
+
+    before = sequence_log_probs()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    policy_gradient_loss(token_log_probs(model, features, tokens, mask), mask, advantages).backward()
+    optimizer.step()
+    after = sequence_log_probs()
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_clip_s_by_hand(tmp_path):
+    clip_dir = save_tiny_clip_model(tmp_path / "clip", TOKENIZER_TEXTS)
+    scorer = ClipScorer(str(clip_dir))
+    images = torch.randn(3, scorer.model.config.projection_dim, generator=torch.Generator().manual_seed(0))
+    captions = ["a small red circle", "two green triangles", "word " * 200]  # the last is cut at 77 tokens
+    clip_s, ref_clip_s = scorer.scores(images, captions, [["a red circle"], ["two triangles", "green"], ["a"]])
+    texts = scorer.text_embeddings(["A photo depicts " + caption for caption in captions])
+    cosines = (F.normalize(images, dim=-1) * texts).sum(dim=-1)
+    torch.testing.assert_close(clip_s, 2.5 * cosines.clamp(min=0))
+    reference_best = torch.stack(
+        [
+            (scorer.text_embeddings(group) @ texts[row]).max().clamp(min=0)
+            for row, group in enumerate([["a red circle"], ["two triangles", "green"], ["a"]])
+        ]
+    )
+    expected = torch.where(
+        clip_s + reference_best > 0, 2 * clip_s * reference_best / (clip_s + reference_best), torch.zeros(3)
+    )
+    torch.testing.assert_close(ref_clip_s, expected)
+    assert (clip_s >= 0).all() and (clip_s <= 2.5).all()
+
+
+def test_a_clip_model_without_a_text_tower_is_one_line(tiny_clip_dir):
+    with pytest.raises(InputError, match="needs a whole CLIP model with a text tower"):
+        ClipScorer(str(tiny_clip_dir))
