@@ -2,6 +2,8 @@
 
 python train.py --data features_train.pkl --out_dir runs/coco --prefix coco_prefix
 torchrun --nproc_per_node 4 train.py --data ... --bs 40          # DistributedDataParallel
+python train.py --scst --init_from runs/coco/coco_prefix_best.pt --data features_train.pkl \
+    --out_dir runs/coco_scst --prefix coco_scst --reward cider --lr 1e-5 --bs 50   # SCST (Stage 2b)
 """
 
 import argparse
@@ -10,8 +12,36 @@ from data.errors import exit_on_input_error
 from models.captioner import ClipCaptionModel
 from models.device import PRECISIONS
 from models.mappers import MAPPERS
-from stages.train import run_training
+from stages.rewards import BASELINES, REWARDS
+from stages.scst import ScstTrainer
+from stages.train import Trainer, run_training
 from stages.train_options import TrainingOptions
+
+# The model's flags: under --scst the --init_from checkpoint decides them, so they must not be given
+# (their parser default is None, to tell "given" from "left at the default").
+MODEL_DEFAULTS = {
+    "prefix_length": 10,
+    "prefix_length_clip": 10,
+    "only_prefix": False,
+    "mapping_type": "mlp",
+    "num_layers": 8,
+    "normalize_prefix": False,
+    "use_dino": False,
+    "dino_model_type": None,
+    "dino_feature_dim": None,
+    "gpt2": "gpt2",
+}
+SCST_DEFAULTS = {
+    "init_from": None,
+    "reward": "cider",
+    "baseline": "mean",
+    "scst_samples": 5,
+    "max_length": 20,
+    "clip_model": None,
+    "clip_features": None,
+    "clip_weight": 1.0,
+}
+WARMUP_STEPS = {False: 5000, True: 0}  # ClipCap's warmup; none under --scst (a constant rate)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,24 +64,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="save {prefix}-{epoch:03d}.pt every N epochs (the last is always saved)",
     )
-    clipcap.add_argument("--prefix_length", type=int, default=10, help="P: LM embeddings the mapper produces")
+    clipcap.add_argument("--prefix_length", type=int, help="P: LM embeddings the mapper produces (default 10)")
     clipcap.add_argument(
-        "--prefix_length_clip", type=int, default=10, help="transformer mapper: tokens the image feature becomes"
+        "--prefix_length_clip", type=int, help="transformer mapper: tokens the image feature becomes (default 10)"
     )
     clipcap.add_argument(
-        "--bs", dest="batch_size", type=int, default=40, help="captions per batch (per process under torchrun)"
+        "--bs",
+        dest="batch_size",
+        type=int,
+        default=40,
+        help="captions per batch (per process under torchrun); images per batch under --scst",
     )
     clipcap.add_argument(
-        "--only_prefix", action="store_true", help="train the mapper only; the LM stays frozen and out of checkpoints"
+        "--only_prefix",
+        action="store_true",
+        default=None,
+        help="train the mapper only; the LM stays frozen and out of checkpoints",
     )
-    clipcap.add_argument("--mapping_type", default="mlp", choices=sorted(MAPPERS), help="mapper architecture")
-    clipcap.add_argument("--num_layers", type=int, default=8, help="transformer mapper depth")
+    clipcap.add_argument("--mapping_type", choices=sorted(MAPPERS), help="mapper architecture (default mlp)")
+    clipcap.add_argument("--num_layers", type=int, help="transformer mapper depth (default 8)")
     clipcap.add_argument(
-        "--normalize_prefix", action="store_true", help="L2-normalize image features before the mapper"
+        "--normalize_prefix", action="store_true", default=None, help="L2-normalize image features before the mapper"
     )
     clipcap.add_argument(
         "--use_dino",
         action="store_true",
+        default=None,
         help="the features are DINOv2's (checked against the file's meta when it has one)",
     )
     clipcap.add_argument(
@@ -67,10 +105,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ours = parser.add_argument_group("this repo's flags")
     ours.add_argument(
-        "--gpt2", default="gpt2", help="causal LM: transformers id (gpt2, gpt2-medium, distilgpt2) or local directory"
+        "--gpt2", help="causal LM: transformers id (gpt2, gpt2-medium, distilgpt2) or local directory (default gpt2)"
     )
     ours.add_argument("--lr", type=float, default=2e-5, help="peak AdamW learning rate")
-    ours.add_argument("--warmup_steps", type=int, default=5000, help="linear warmup steps, then linear decay to 0")
+    ours.add_argument(
+        "--warmup_steps",
+        type=int,
+        help="linear warmup steps, then linear decay to 0 (default 5000); under --scst a constant rate after them (default 0)",
+    )
     ours.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (ClipCap: 0)")
     ours.add_argument(
         "--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)"
@@ -114,12 +156,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="where tokenized captions are cached (default $CLIPCAP_PLUS_CACHE_DIR or ~/.cache/clipcap-plus)",
     )
-    return parser.parse_args(argv)
+    scst = parser.add_argument_group("SCST: self-critical fine-tuning of a train.py checkpoint (Stage 2b)")
+    scst.add_argument("--scst", action="store_true", help="fine-tune --init_from by SCST instead of cross-entropy")
+    scst.add_argument("--init_from", help="the train.py checkpoint to start from: its config decides the model")
+    scst.add_argument("--reward", choices=REWARDS, help="cider (CIDEr-D, default), clip (CLIP-S) or their sum")
+    scst.add_argument(
+        "--baseline", choices=BASELINES, help="mean of the image's other samples (default), or its greedy caption's"
+    )
+    scst.add_argument("--scst_samples", type=int, help="captions sampled per image (default 5)")
+    scst.add_argument("--max_length", type=int, help="most tokens a sampled caption has (default 20)")
+    scst.add_argument("--clip_model", help="CLIP name, id or directory with both towers (clip rewards)")
+    scst.add_argument(
+        "--clip_features",
+        help="parse_coco_clip.py features of --clip_model over --data's images, when --data holds other features",
+    )
+    scst.add_argument("--clip_weight", type=float, help="weight of CLIP-S in --reward cider+clip (default 1.0)")
+    args = parser.parse_args(argv)
+    if args.scst and (model_flags := _given(args, MODEL_DEFAULTS)):
+        parser.error(f"--scst takes the model from --init_from's config; do not give {model_flags}")
+    if not args.scst and (scst_flags := _given(args, SCST_DEFAULTS)):
+        parser.error(f"{scst_flags}: only with --scst")
+    for name, default in {**MODEL_DEFAULTS, **SCST_DEFAULTS}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.warmup_steps is None:
+        args.warmup_steps = WARMUP_STEPS[args.scst]
+    return args
+
+
+def _given(args: argparse.Namespace, defaults: dict) -> str:
+    """The flags of `defaults` given on the command line, as text ("" for none)."""
+    return ", ".join(f"--{name}" for name in defaults if getattr(args, name) is not None)
 
 
 def main(args: argparse.Namespace) -> ClipCaptionModel:
-    """Train and return the model (the checkpoints are in --out_dir)."""
-    return run_training(TrainingOptions(**vars(args)))
+    """Train (cross-entropy, or SCST with --scst) and return the model (the checkpoints are in --out_dir)."""
+    return run_training(TrainingOptions(**vars(args)), ScstTrainer if args.scst else Trainer)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,9 @@ class CaptionBatch:
     tokens: torch.Tensor  # (B, T) int64, T = longest caption in the batch
     attention_mask: torch.Tensor  # (B, T) int64, 1 on real tokens (EOS included), 0 on padding
 
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
     def to(self, device: torch.device) -> "CaptionBatch":
         """The batch on `device` (non-blocking from pinned memory)."""
         return CaptionBatch(

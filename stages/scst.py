@@ -4,19 +4,30 @@ checkpoint. Each step samples captions per image with the batched, KV-cached sam
 reward) and raises the log-probability of the captions that beat it. The run itself (checkpoints,
 resume, torchrun, evaluation) is train.py's Trainer; this module adds what differs."""
 
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, get_constant_schedule_with_warmup
 
 from data.errors import InputError
 from data.features import FeatureFile, read_feature_file
 from data.references import ImageId, references_from_features
 from models.captioner import ClipCaptionModel
+from models.checkpoint import load_checkpoint
 from models.clip_score import ClipScorer
+from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_text, decode
 from models.device import autocast
 from stages.rewards import CiderD, mean_of_others, normalize_caption, policy_gradient_loss
+from stages.train import Trainer
+
+# Options that decide an SCST run's weights besides train.py's (checked on --resume).
+SCST_TRAJECTORY = ("scst", "init_from", "reward", "baseline", "scst_samples", "clip_weight", "max_length")
 
 
 class ImageRows(Dataset):
@@ -35,9 +46,23 @@ class ImageRows(Dataset):
         return self.embeddings[self.rows[index]], index
 
 
-def collate_images(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (B, D), image indices (B,))."""
-    return torch.stack([feature for feature, _ in items]), torch.tensor([index for _, index in items])
+@dataclass
+class ImageBatch:
+    """A batch of images: their features and their indices in ImageRows.image_ids."""
+
+    features: torch.Tensor  # (B, D)
+    indices: torch.Tensor  # (B,)
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    def to(self, device: torch.device) -> "ImageBatch":
+        return ImageBatch(self.features.to(device, non_blocking=True), self.indices)
+
+
+def collate_images(items: list[tuple[torch.Tensor, int]]) -> ImageBatch:
+    """collate_fn of ImageRows."""
+    return ImageBatch(torch.stack([feature for feature, _ in items]), torch.tensor([index for _, index in items]))
 
 
 class RewardScorer:
@@ -181,3 +206,82 @@ def scst_loss(
         "sample_length": mask.sum(dim=1).float().mean().item(),
     }
     return loss, stats
+
+
+class ScstTrainer(Trainer):
+    """train.py's Trainer with SCST's model (from --init_from), data (images, --bs of them a batch),
+    schedule (constant after --warmup_steps) and loss; checkpoints, resume, torchrun and --eval_every
+    are the Trainer's."""
+
+    def model_config(self, train_file: FeatureFile) -> CaptionerConfig:
+        """The --init_from checkpoint's config, checked against --data."""
+        if not self.options.init_from:
+            raise InputError("--scst needs --init_from, a checkpoint written by train.py")
+        if self.options.baseline == "mean" and self.options.scst_samples < 2:
+            raise InputError("--baseline mean needs --scst_samples of at least 2 (or use --baseline greedy)")
+        self.initial = load_checkpoint(self.options.init_from)
+        config = self.initial.config
+        positions = getattr(self.initial.gpt.config, "n_positions", None)
+        if positions is not None and config.prefix_length + self.options.max_length > positions:
+            raise InputError(
+                f"--max_length {self.options.max_length}: prefix ({config.prefix_length}) plus caption exceeds "
+                f"the LM's {positions} positions"
+            )
+        if config.feature_dim != train_file.feature_dim:
+            raise InputError(
+                f"--data {self.options.data} has {train_file.feature_dim}-d features, the --init_from "
+                f"checkpoint's mapper expects {config.feature_dim}-d"
+            )
+        return config
+
+    def build_model(self) -> ClipCaptionModel:
+        """The --init_from model, in train mode (a frozen LM stays frozen)."""
+        model, self.initial = self.initial, None
+        return model.train()
+
+    def training_data(self, train_file: FeatureFile) -> tuple[Dataset, Callable]:
+        images = ImageRows(train_file)
+        self.scorer = RewardScorer(
+            self.options.reward,
+            train_file,
+            self.options.data,
+            clip_model=self.options.clip_model,
+            clip_features=self.options.clip_features,
+            clip_weight=self.options.clip_weight,
+            device=self.device,
+            progress=self.context.is_main,
+        )
+        return images, collate_images
+
+    def data_key(self, train_file: FeatureFile) -> str:
+        """The images' captions and features: what --resume checks it trains on."""
+        captions = json.dumps([[c["image_id"], c["caption"]] for c in train_file.captions], default=str)
+        return f"scst-{hashlib.sha256(captions.encode()).hexdigest()[:16]}-{train_file.embeddings_digest()}"
+
+    def schedule(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """A constant learning rate after --warmup_steps (0 unless given)."""
+        return get_constant_schedule_with_warmup(self.optimizer, self.options.warmup_steps)
+
+    def _trajectory(self) -> dict:
+        return {**super()._trajectory(), **{name: getattr(self.options, name) for name in SCST_TRAJECTORY}}
+
+    def step_loss(self, batch: ImageBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """SCST's loss on a batch of images, with the mean reward, baseline and sample length."""
+        image_ids = [self.train_set.image_ids[index] for index in batch.indices.tolist()]
+        was_training = self.network.training
+        self.network.eval()  # no dropout: the log-probabilities are those of the sampling policy
+        try:
+            return scst_loss(
+                self.model,
+                self.network,
+                self.tokenizer,
+                batch.features,
+                image_ids,
+                self.scorer,
+                num_samples=self.options.scst_samples,
+                max_length=self.options.max_length,
+                baseline=self.options.baseline,
+                precision=self.precision,
+            )
+        finally:
+            self.network.train(was_training)

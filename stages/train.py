@@ -4,6 +4,7 @@ warmup schedule, per-batch padding, mixed precision on CUDA, torchrun DDP, exact
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from data.errors import InputError
 from data.features import FeatureFile, read_feature_file
 from models.captioner import ClipCaptionModel
 from models.checkpoint import build_captioner, load_state_into, load_tokenizer, save_checkpoint, save_config_json
+from models.config import CaptionerConfig
 from models.decoding import DecodingOptions
 from models.device import autocast, resolve_precision
 from stages.distributed import DistributedContext, close_distributed, init_distributed
@@ -92,33 +94,29 @@ class Trainer:
 
             require_java()  # now, not after the first epoch's work
         train_file = read_feature_file(options.data)
-        self.config = captioner_config(options, train_file)
+        self.config = self.model_config(train_file)
         if checkpoint is not None:  # before anything slow: a wrong file or flag fails at once
             check_same_run(checkpoint, source, self.config, self._trajectory())
-        self.tokenizer = load_tokenizer(options.gpt2)
+        self.tokenizer = load_tokenizer(self.config.lm_name)
         torch.manual_seed(options.seed)  # the mapper's initial weights
-        self.model = build_captioner(self.config)
-        if options.only_prefix:
-            self.model.freeze_lm()
-        self.train_set = self._dataset(train_file)
+        self.model = self.build_model()
+        self.collate = CaptionCollator(self.tokenizer.pad_token_id)
+        self.train_set, self.train_collate = self.training_data(train_file)
         self.val_file = read_feature_file(options.val_data) if options.val_data else None
         self.val_set = self._val_set(self.val_file) if self.val_file is not None else None
-        self.collate = CaptionCollator(self.tokenizer.pad_token_id)
 
         self.model.to(device)
         self.trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=options.lr, weight_decay=options.weight_decay)
         samples_per_rank = math.ceil(len(self.train_set) / context.world_size)  # DistributedSampler pads to this
         self.steps_per_epoch = math.ceil(samples_per_rank / options.batch_size)
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, options.warmup_steps, options.epochs * self.steps_per_epoch
-        )
+        self.scheduler = self.schedule()
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.position = {
             "step": 0,
             "epoch": 0,
             "batch_in_epoch": 0,
-            "data": f"{self.train_set.tokenized.key}-{train_file.embeddings_digest()}",  # captions and features
+            "data": self.data_key(train_file),
             "best_cider": None,  # with --eval_every: the best validation CIDEr so far, kept in {prefix}_best.pt
         }
         self.last_saved: Path | None = None
@@ -130,6 +128,31 @@ class Trainer:
         self.network = DistributedDataParallel(self.model, device_ids=device_ids) if context.enabled else self.model
         if checkpoint is None and options.overwrite and context.is_main:
             self.files.remove_existing()  # only now that the data, flags and model have all checked out
+
+    def model_config(self, train_file: FeatureFile) -> CaptionerConfig:
+        """The model config: architecture from the flags, feature width and encoder from the feature file."""
+        return captioner_config(self.options, train_file)
+
+    def build_model(self) -> ClipCaptionModel:
+        """A fresh mapper on the LM of the config (frozen with --only_prefix)."""
+        model = build_captioner(self.config)
+        if self.options.only_prefix:
+            model.freeze_lm()
+        return model
+
+    def training_data(self, train_file: FeatureFile) -> tuple[Dataset, Callable]:
+        """The training items (one per caption) and their collate_fn."""
+        return self._dataset(train_file), self.collate
+
+    def data_key(self, train_file: FeatureFile) -> str:
+        """What `--resume` checks it trains on: the tokenized captions and the feature values."""
+        return f"{self.train_set.tokenized.key}-{train_file.embeddings_digest()}"
+
+    def schedule(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """ClipCap's schedule: linear warmup, then linear decay to 0 at the last step."""
+        return get_linear_schedule_with_warmup(
+            self.optimizer, self.options.warmup_steps, self.options.epochs * self.steps_per_epoch
+        )
 
     def _trajectory(self) -> dict:
         return {name: getattr(self.options, name) for name in TRAJECTORY_OPTIONS}
@@ -201,13 +224,13 @@ class Trainer:
             self.log.close()
         return self.model
 
-    def _loader(self, dataset: CaptionDataset, indices: list[int], seed: int) -> DataLoader:
+    def _loader(self, dataset: Dataset, indices: list[int], seed: int, collate: Callable) -> DataLoader:
         # A generator of its own: creating the loader must not draw from the global RNG (dropout's).
         return DataLoader(
             dataset,
             batch_size=self.options.batch_size,
             sampler=indices,
-            collate_fn=self.collate,
+            collate_fn=collate,
             num_workers=self.options.num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(seed),
@@ -226,26 +249,32 @@ class Trainer:
             dynamic_ncols=True,
         )
         last = time.perf_counter()
-        for batch in self._loader(self.train_set, indices, self.options.seed + epoch):
-            loss, lr = self.train_step(batch.to(self.device), epoch)
+        for batch in self._loader(self.train_set, indices, self.options.seed + epoch, self.train_collate):
+            stats = self.train_step(batch.to(self.device), epoch)
             now = time.perf_counter()
-            samples_per_s = batch.tokens.shape[0] * self.context.world_size / (now - last)
+            samples_per_s = len(batch) * self.context.world_size / (now - last)
             last = now
             self.position["step"] += 1
             self.position["batch_in_epoch"] += 1
-            self.log.write(step=self.position["step"], epoch=epoch, loss=loss, lr=lr, samples_per_s=samples_per_s)
+            self.log.write(step=self.position["step"], epoch=epoch, **stats, samples_per_s=samples_per_s)
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{samples_per_s:.1f}")
+            shown = {name: f"{value:.4g}" for name, value in stats.items() if name != "lr"}
+            bar.set_postfix(**shown, samples_per_s=f"{samples_per_s:.1f}")
             periodic = self.options.save_latest_every and self.position["step"] % self.options.save_latest_every == 0
             if periodic and self.position["batch_in_epoch"] < self.steps_per_epoch:  # the epoch's end saves anyway
                 self.save_latest()
         bar.close()
         self.position.update(epoch=epoch + 1, batch_in_epoch=0)
 
-    def train_step(self, batch: CaptionBatch, epoch: int) -> tuple[float, float]:
-        """One optimizer step; returns the loss (mean over ranks) and the learning rate used."""
+    def step_loss(self, batch: CaptionBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to minimize on a batch, and figures of this rank's batch to log beside it."""
+        return compute_loss(self.network, batch, self.device, self.precision), {}
+
+    def train_step(self, batch: CaptionBatch, epoch: int) -> dict[str, float]:
+        """One optimizer step; returns what the log records of it: the loss (mean over ranks), the
+        learning rate used, and step_loss's figures."""
         lr = self.scheduler.get_last_lr()[0]
-        loss = compute_loss(self.network, batch, self.device, self.precision)
+        loss, figures = self.step_loss(batch)
         loss_value = self._mean_over_ranks(loss.detach().float())  # every rank sees the same value
         if not math.isfinite(loss_value):
             kept = (
@@ -256,7 +285,7 @@ class Trainer:
                 f"before updating the weights, {kept}. Try a lower --lr or --precision fp32"
             )
         apply_gradients(loss, self.trainable, self.optimizer, self.scheduler, self.scaler, self.options.max_grad_norm)
-        return loss_value, lr
+        return {"loss": loss_value, "lr": lr, **figures}
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         if self.context.enabled:
@@ -313,7 +342,7 @@ class Trainer:
         self.model.eval()
         indices = list(range(self.context.rank, len(self.val_set), self.context.world_size))
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, token count)
-        for batch in self._loader(self.val_set, indices, self.options.seed):
+        for batch in self._loader(self.val_set, indices, self.options.seed, self.collate):
             batch = batch.to(self.device)
             loss = compute_loss(self.model, batch, self.device, self.precision)
             tokens = batch.attention_mask.sum()
@@ -341,10 +370,10 @@ class Trainer:
         self.last_saved = self.files.latest
 
 
-def run_training(options: TrainingOptions) -> ClipCaptionModel:
+def run_training(options: TrainingOptions, trainer_class: type[Trainer] = Trainer) -> ClipCaptionModel:
     """Train as `options` say (joining torchrun's process group when launched by it); returns the model."""
     context, device = init_distributed(options.device)
     try:
-        return Trainer(options, context, device).fit()
+        return trainer_class(options, context, device).fit()
     finally:
         close_distributed()

@@ -43,6 +43,16 @@ class TrainingOptions:
     resume: str | None
     overwrite: bool
     cache_dir: str | None
+    # --scst (stages/scst.py); defaults as train.py's parser
+    scst: bool = False
+    init_from: str | None = None
+    reward: str = "cider"
+    baseline: str = "mean"
+    scst_samples: int = 5
+    max_length: int = 20
+    clip_model: str | None = None
+    clip_features: str | None = None
+    clip_weight: float = 1.0
 
 
 # Flags that must be at least this; checked before anything is read or written.
@@ -59,6 +69,8 @@ MINIMUMS = {
     "max_grad_norm": 0,
     "eval_every": 0,
     "num_workers": 0,
+    "scst_samples": 1,
+    "max_length": 1,
 }
 FLAG_NAMES = {"batch_size": "bs"}  # where the flag's name is not the option's
 

@@ -119,7 +119,7 @@ def check_same_run(checkpoint: dict[str, Any], source: Path, config: CaptionerCo
                 f"--resume {source}: {name} is {getattr(config, name)!r} here but {getattr(saved, name)!r} "
                 "in the saved run; resume with the same settings"
             )
-    for name in TRAJECTORY_OPTIONS:
+    for name in options:  # TRAJECTORY_OPTIONS, and a stage's own (SCST's)
         if checkpoint["options"].get(name) != options[name]:
             raise InputError(
                 f"--resume {source}: {name} is {options[name]!r} here but {checkpoint['options'].get(name)!r} "
