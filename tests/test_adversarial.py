@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import pickle
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -199,6 +200,7 @@ def test_pickles_that_allocate_or_hide_objects_are_one_line(tmp_path, payload, m
 
 @pytest.mark.parametrize("case", ["features", "checkpoint", "predictions", "captions"])
 def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path, case, clip_checkpoint, specs, capsys):
+    clip_checkpoint = Path(shutil.copy(clip_checkpoint, tmp_path))  # a copy: unfixed, the run replaces it
     features = feature_file(tmp_path / "f.pkl", specs["clip"])
     predictions = tmp_path / "p.json"
     write_json_atomic(predictions, [{"image_id": 0, "caption": "a photo"}])
