@@ -207,32 +207,16 @@ def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path, case
     captions = tmp_path / "a.json"
     captions.write_text(json.dumps([{"image_id": 1, "caption": "a photo"}]))
     (tmp_path / "images").mkdir()
-    argv = {
-        "features": ("predict", ["--features", features, "--checkpoint", clip_checkpoint, "--output", features]),
-        "checkpoint": (
-            "predict",
-            ["--features", features, "--checkpoint", clip_checkpoint, "--output", clip_checkpoint],
-        ),
-        "predictions": ("evaluate", ["--predictions", predictions, "--references", features, "--output", predictions]),
-        "captions": (
-            "clip",
-            [
-                "--clip_model_type",
-                "x",
-                "--coco_images_dir",
-                tmp_path / "images",
-                "--captions_file",
-                captions,
-                "--output_file",
-                captions,
-            ],
-        ),
-    }[case]
-    victim = {"features": features, "checkpoint": clip_checkpoint, "predictions": predictions, "captions": captions}[
-        case
-    ]
+    images = tmp_path / "images"
+    cases = {  # script, its arguments, the input that the output names
+        "features": ("predict", ["--features", features, "--checkpoint", clip_checkpoint, "--output", features], features),
+        "checkpoint": ("predict", ["--features", features, "--checkpoint", clip_checkpoint, "--output", clip_checkpoint], clip_checkpoint),
+        "predictions": ("evaluate", ["--predictions", predictions, "--references", features, "--output", predictions], predictions),
+        "captions": ("clip", ["--coco_images_dir", images, "--captions_file", captions, "--output_file", captions], captions),
+    }  # fmt: skip
+    script, argv, victim = cases[case]
     before = victim.read_bytes()
-    code, stderr = run_script(*argv, capsys)
+    code, stderr = run_script(script, argv, capsys)
     assert code == 2 and "is the same file as" in one_error_line(stderr)
     assert victim.read_bytes() == before
 
