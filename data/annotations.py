@@ -35,6 +35,26 @@ def image_id_from_path(path: str | os.PathLike) -> int | str:
     return int(match.group(1)) if match else stem
 
 
+def inside_images_dir(images_dir: str | os.PathLike, file_path: str) -> bool:
+    """Whether `file_path` (from an annotation file) stays inside `images_dir` once `..` and absolute parts
+    are normalized. Links are not followed: a train2014/ linked to another disk is a normal set-up."""
+    root = os.path.normpath(os.path.abspath(images_dir))
+    full = os.path.normpath(os.path.join(root, file_path))
+    return full != root and os.path.commonpath([root, full]) == root
+
+
+MAX_SHARED_IDS_SHOWN = 3
+
+
+def _refuse_shared_ids(source: str, shared: list[tuple[Any, str, str]]) -> None:
+    # Merging them would drop all but one file and give its captions to the wrong image.
+    if shared:
+        examples = "; ".join(
+            f"id {image_id!r}: {first} and {second}" for image_id, first, second in shared[:MAX_SHARED_IDS_SHOWN]
+        )
+        raise InputError(f"{source}: {len(shared)} image(s) share an image id with another file, e.g. {examples}")
+
+
 @dataclass
 class ImageRecord:
     """One image and all its captions."""
@@ -95,10 +115,14 @@ def _read_coco_captions(content: dict, source: str, images_dir: Path | None) -> 
     if not isinstance(images, list) or not isinstance(annotations, list):
         raise InputError(f"{source}: 'images' and 'annotations' must be lists")
     file_names: dict[int, str] = {}
+    shared: list[tuple[Any, str, str]] = []
     for number, image in enumerate(images):
         if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or "id" not in image:
             raise InputError(f"{source}: images[{number}] needs 'id' and a string 'file_name'")
-        file_names[_as_image_id(image["id"], f"{source}: images[{number}]")] = image["file_name"]
+        image_id = _as_image_id(image["id"], f"{source}: images[{number}]")
+        if file_names.setdefault(image_id, image["file_name"]) != image["file_name"]:
+            shared.append((image_id, file_names[image_id], image["file_name"]))
+    _refuse_shared_ids(source, shared)
     records: dict[int, ImageRecord] = {}
     for number, annotation in enumerate(annotations):
         where = f"{source}: annotations[{number}]"
@@ -116,6 +140,7 @@ def _read_coco_captions(content: dict, source: str, images_dir: Path | None) -> 
 def _read_karpathy(images: list, source: str, split: str) -> list[ImageRecord]:
     wanted = KARPATHY_SPLITS[split]
     records: dict[int | str, ImageRecord] = {}
+    shared: list[tuple[Any, str, str]] = []
     for number, image in enumerate(images):
         where = f"{source}: images[{number}]"
         if not isinstance(image, dict) or not isinstance(image.get("filename"), str):
@@ -130,7 +155,10 @@ def _read_karpathy(images: list, source: str, split: str) -> list[ImageRecord]:
         image_id = _as_image_id(image["cocoid"], where) if "cocoid" in image else image_id_from_path(image["filename"])
         if image_id not in records:
             records[image_id] = ImageRecord(image_id, file_path, [])
+        elif records[image_id].file_path != file_path:
+            shared.append((image_id, records[image_id].file_path, file_path))
         records[image_id].captions.extend(_caption(s["raw"], where) for s in sentences)
+    _refuse_shared_ids(source, shared)
     return [record for record in records.values() if record.captions]  # an image without captions has no row
 
 

@@ -1,5 +1,6 @@
 """One exception for bad input, shown to the user as a single line, and a JSON reader that raises it."""
 
+import errno
 import json
 import os
 import sys
@@ -12,13 +13,24 @@ class InputError(Exception):
     """Bad input (a file, a flag, a model name): printed as one line, never a traceback."""
 
 
+# OS errors that say where an output goes is full or closed, not that the code is wrong.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
 @contextmanager
 def exit_on_input_error() -> Iterator[None]:
-    """Turn an InputError raised by a script's main() into `error: ...` and exit status 2."""
+    """Turn an InputError raised by a script's main() into `error: ...` and exit status 2; so too an OS
+    error of a full, read-only or forbidden disk that no atomic writer caught (e.g. a log line)."""
     try:
         yield
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        if error.errno not in OUTPUT_ERRNOS:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -33,3 +45,5 @@ def read_json_input(path: str | os.PathLike, kind: str) -> Any:
         raise InputError(f"{path}: cannot read this {kind} ({error.strerror or error})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise InputError(f"{path}: JSON nested too deeply to be a {kind}") from None

@@ -52,14 +52,66 @@ class FeatureFile:
 
 def _load_storage_from_bytes(data: bytes) -> Any:
     # A tensor pickled with plain pickle carries its storage as bytes written by torch.save.
-    # torch's own hook unpickles those bytes unrestricted; here they go through the weights-only loader.
-    return torch.load(io.BytesIO(data), weights_only=True)
+    # torch's own hook unpickles those bytes unrestricted; here they go through the weights-only loader,
+    # whose refusal runs to many lines: one line of it is kept, without its advice to load unrestricted.
+    try:
+        storage = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as error:  # torch raises many types for bytes it refuses or cannot parse
+        lines = str(error).splitlines()
+        detail = next((line.strip() for line in lines if "Unsupported" in line), type(error).__name__)
+        raise pickle.UnpicklingError(f"a tensor's storage holds more than tensor data ({detail})") from None
+    if not isinstance(storage, torch.storage.TypedStorage | torch.UntypedStorage):
+        raise pickle.UnpicklingError(f"a tensor's storage bytes hold a {type(storage).__name__}, not a storage")
+    return storage
+
+
+def _check_view(shape: tuple, strides: tuple, offset: int, buffer_elements: int) -> None:
+    # A pickle chooses its own shape and strides: zero strides would show a 4-byte buffer as gigabytes,
+    # which the first copy would then allocate. A view may hold no more elements than its buffer.
+    elements = 1
+    for size in shape:
+        elements *= size
+    if (
+        any(size < 0 for size in shape)
+        or len(strides) != len(shape)
+        or any(stride < 1 and size > 1 for size, stride in zip(shape, strides))
+        or elements > max(buffer_elements - offset, 0)
+    ):
+        raise pickle.UnpicklingError(
+            f"an array of shape {tuple(shape)} and strides {tuple(strides)} does not fit its buffer of {buffer_elements} elements"
+        )
+
+
+def _rebuild_tensor_checked(storage: Any, storage_offset: int, size: tuple, stride: tuple, *rest: Any) -> torch.Tensor:
+    # torch._utils._rebuild_tensor(_v2) with the view checked first (both are views: nothing is allocated yet).
+    if not isinstance(storage, torch.storage.TypedStorage | torch.UntypedStorage):
+        raise pickle.UnpicklingError(f"a tensor's storage is a {type(storage).__name__}")
+    # In elements of the storage's type (bytes for an untyped one); TypedStorage.size() warns of its deprecation.
+    elements = storage._size() if isinstance(storage, torch.storage.TypedStorage) else storage.nbytes()
+    _check_view(tuple(size), tuple(stride), storage_offset, elements)
+    rebuild = torch._utils._rebuild_tensor_v2 if rest else torch._utils._rebuild_tensor
+    return rebuild(storage, storage_offset, size, stride, *rest)
+
+
+class _NumpyArrayType:
+    """Stands for numpy.ndarray as _reconstruct's class argument; called itself, ndarray(shape, dtype,
+    buffer, offset, strides) would build any view of any buffer, so the real class is never handed out."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> None:
+        raise pickle.UnpicklingError("refuses to call numpy.ndarray (it would view a buffer with any strides)")
 
 
 try:  # numpy >= 2 moved its core; pickles written by numpy 1 still name the old module
     from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
 except ImportError:
     from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
+
+
+def _numpy_reconstruct_checked(subtype: Any, shape: tuple, typecode: Any) -> np.ndarray:
+    # The empty array that __setstate__ then fills (numpy checks there that the data matches the shape).
+    if subtype is not _NumpyArrayType:
+        raise pickle.UnpicklingError("refuses numpy _reconstruct of anything but numpy.ndarray")
+    return _numpy_reconstruct(np.ndarray, shape, typecode)
 
 
 def _numpy_frombuffer(buffer: bytes, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
@@ -78,15 +130,15 @@ def _latin1_bytes(text: str, encoding: str) -> bytes:
 # (some forks store those) and ordered dicts. Nothing here runs code of the file's choosing.
 _ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_checked,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor_checked,
     ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct_checked,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct_checked,
     ("numpy.core.numeric", "_frombuffer"): _numpy_frombuffer,
     ("numpy._core.numeric", "_frombuffer"): _numpy_frombuffer,
     ("_codecs", "encode"): _latin1_bytes,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NumpyArrayType,
     ("numpy", "dtype"): np.dtype,
 }
 
@@ -113,13 +165,37 @@ def restricted_load(path: str | os.PathLike) -> Any:
     except OSError as error:  # a directory, no permission, an I/O error
         raise InputError(f"{path}: cannot be read ({error.strerror or error})") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, RuntimeError) as error:
-        raise InputError(f"{path}: not a readable feature file: {error}") from None
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(f"{path}: not a readable feature file: {reason}") from None
+    except RecursionError:
+        raise InputError(f"{path}: not a readable feature file: nested too deeply") from None
+
+
+MAX_BAD_ROWS_SHOWN = 5
 
 
 def _as_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
+        try:
+            value = torch.from_numpy(value)
+        except TypeError:  # an object or string array: not features
+            return None
     return value if isinstance(value, torch.Tensor) else None
+
+
+def nonfinite_rows(embeddings: torch.Tensor) -> list[int]:
+    """Rows holding NaN or infinity (a broken encoder pass), in order."""
+    return torch.nonzero(~torch.isfinite(embeddings).all(dim=1)).flatten().tolist()
+
+
+def _check_embeddings(path: str | os.PathLike, embeddings: torch.Tensor) -> None:
+    # Caught here, a NaN row or an empty width names the file; caught in training, it looks like a bad --lr.
+    if embeddings.shape[1] == 0:
+        raise InputError(f"{path}: '{FEATURES_KEY}' has {embeddings.shape[0]} rows of width 0: no features")
+    bad = nonfinite_rows(embeddings)
+    if bad:
+        shown = ", ".join(map(str, bad[:MAX_BAD_ROWS_SHOWN])) + (", ..." if len(bad) > MAX_BAD_ROWS_SHOWN else "")
+        raise InputError(f"{path}: {len(bad)} feature row(s) hold NaN or infinite values (rows {shown})")
 
 
 def read_feature_file(path: str | os.PathLike) -> FeatureFile:
@@ -131,8 +207,10 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
     if missing:
         raise InputError(f"{path}: missing key(s) {', '.join(repr(key) for key in missing)}")
     embeddings = _as_tensor(content[FEATURES_KEY])
-    if embeddings is None or embeddings.dim() != 2:
-        raise InputError(f"{path}: '{FEATURES_KEY}' must be a 2-D tensor (images x features)")
+    if embeddings is None or embeddings.dim() != 2 or embeddings.is_complex():
+        raise InputError(f"{path}: '{FEATURES_KEY}' must be a 2-D real tensor (images x features)")
+    embeddings = embeddings.float().contiguous()
+    _check_embeddings(path, embeddings)
     captions = content["captions"]
     if not isinstance(captions, list) or not captions:
         raise InputError(f"{path}: 'captions' is empty or not a list")
@@ -146,7 +224,31 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
     meta = content.get("meta") or {}
     if not isinstance(meta, dict) or not isinstance(meta.get("encoder", {}), dict):
         raise InputError(f"{path}: 'meta' must be a dict, and its 'encoder' a dict when present")
-    return FeatureFile(embeddings.float().contiguous(), captions, dict(meta))
+    return FeatureFile(embeddings, captions, dict(meta))
+
+
+# The encoder fields that decide what a feature means; the preprocessing sizes only shift it a little.
+ENCODER_IDENTITY = ("family", "name", "feature_type")
+
+
+def _encoder_identity(encoder: dict) -> tuple:
+    # A local copy of a hub model (/models/dinov2-base) counts as that model (facebook/dinov2-base).
+    return tuple(Path(str(encoder.get(key))).name if key == "name" else encoder.get(key) for key in ENCODER_IDENTITY)
+
+
+def _describe_encoder(encoder: dict) -> str:
+    return f"{encoder.get('family')} {encoder.get('name')} ({encoder.get('feature_type')})"
+
+
+def check_same_encoder(features: FeatureFile, source: str, encoder: dict | None, expected_by: str) -> None:
+    """Refuse features of another encoder than `encoder` (what `expected_by` records), even of the same
+    width (CLIP ViT-L/14 and DINOv2-B are both 768-d). A file or a model recording none is not checked."""
+    recorded = features.meta.get("encoder")
+    if not recorded or not encoder or _encoder_identity(recorded) == _encoder_identity(encoder):
+        return
+    raise InputError(
+        f"{source} holds features of {_describe_encoder(recorded)}, but {expected_by} expects {_describe_encoder(encoder)}"
+    )
 
 
 def write_feature_file(path: str | os.PathLike, features: FeatureFile) -> None:

@@ -13,6 +13,11 @@ from torch.utils.data import Dataset
 from data.errors import InputError
 
 WHITE = (255, 255, 255, 255)
+# How _to_rgb turns a file into RGB, recorded in feature files: OpenAI CLIP's preprocessing drops alpha
+# instead, so features of transparent images differ from theirs.
+IMAGE_CONVERSION = "RGB; transparency (alpha, transparent palette) composited over white; 16-bit scaled to 8-bit"
+# A 20000x1 image passes PIL's pixel limit, but its short side resized to 224 makes 4.5 million x 224.
+MAX_RESIZED_PIXELS = 50_000_000
 
 
 class ImageReadError(InputError):
@@ -40,8 +45,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image fully and return it as RGB; raises ImageReadError with the reason otherwise."""
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) after torchvision's Resize(short_side): the short side becomes `short_side`."""
+    width, height = max(width, 1), max(height, 1)
+    if width <= height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
+
+
+def load_rgb(path: str | os.PathLike, resize_dim: int | None = None) -> Image.Image:
+    """Decode an image fully and return it as RGB; raises ImageReadError with the reason otherwise.
+    With `resize_dim`, an image whose short side resized to it would exceed MAX_RESIZED_PIXELS is refused
+    before it is decoded."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "missing file")
@@ -49,6 +64,13 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise ImageReadError(path, "empty file")
     try:
         with Image.open(path) as image:
+            if resize_dim is not None:
+                width, height = resized_size(*image.size, resize_dim)
+                if width * height > MAX_RESIZED_PIXELS:
+                    raise ImageReadError(
+                        path,
+                        f"too large once resized ({width}x{height}, over {MAX_RESIZED_PIXELS // 10**6} megapixels)",
+                    )
             image.load()  # decode now: a truncated file fails here, not later in a transform
             return _to_rgb(image)
     except UnidentifiedImageError:
@@ -62,16 +84,19 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 class ImageDataset(Dataset):
     """Decodes and preprocesses `paths[i]`; a bad file gives its reason instead of pixels."""
 
-    def __init__(self, paths: list[Path], preprocess: Callable[[Image.Image], torch.Tensor]):
+    def __init__(
+        self, paths: list[Path], preprocess: Callable[[Image.Image], torch.Tensor], resize_dim: int | None = None
+    ):
         self.paths = list(paths)
         self.preprocess = preprocess
+        self.resize_dim = resize_dim  # the preprocessing's short side, to refuse images it would blow up
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            image = load_rgb(self.paths[index])
+            image = load_rgb(self.paths[index], self.resize_dim)
         except ImageReadError as error:
             return index, None, error.reason
         return index, self.preprocess(image), None

@@ -54,6 +54,7 @@ FAMILY_OF_MODEL_TYPE = {
 FEATURE_TYPES = {"clip": ("image_embeds",), "dinov2": ("cls", "avg_patch", "cls_avg_patch")}
 DINOV2_RESIZE_DIM = 256  # DINOv2's evaluation transform: resize to 256, crop 224
 DINOV2_CROP_DIM = 224
+MAX_IMAGE_SIDE = 4096  # a larger resize or crop is a typo, and would exhaust memory before any message
 
 
 @dataclass
@@ -181,6 +182,15 @@ def _load_model(model_id: str, name: str, config: PretrainedConfig) -> PreTraine
     return model
 
 
+def _check_image_sizes(resize_dim: int, crop_dim: int, patch_size: int) -> None:
+    """Sizes the preprocessing can make and the model can see (given 0, they used to become the defaults)."""
+    for flag, value in (("--resize_dim", resize_dim), ("--crop_dim", crop_dim)):
+        if not patch_size <= value <= MAX_IMAGE_SIDE:
+            raise InputError(f"{flag} {value}: must be from the model's patch size {patch_size} to {MAX_IMAGE_SIDE}")
+    if crop_dim > resize_dim:
+        raise InputError(f"crop size {crop_dim} is larger than the resize size {resize_dim}")
+
+
 def load_encoder(
     name: str,
     *,
@@ -201,20 +211,24 @@ def load_encoder(
     feature_type = feature_type or FEATURE_TYPES[family][0]
     if feature_type not in FEATURE_TYPES[family]:
         raise InputError(f"feature type {feature_type!r} is not one of {family}'s: {', '.join(FEATURE_TYPES[family])}")
-    model = _load_model(model_id, name, config)
+    vision = config.vision_config if config.model_type == "clip" else config
     if family == "clip":
         # CLIP was trained at its config's image size and resizes straight to it (224, or 336 for @336px).
-        crop_dim = crop_dim or model.config.image_size
-        resize_dim = resize_dim or crop_dim
+        crop_dim = vision.image_size if crop_dim is None else crop_dim
+        resize_dim = crop_dim if resize_dim is None else resize_dim
+        if crop_dim != vision.image_size:  # its position embeddings fit this size only
+            raise InputError(f"crop size {crop_dim}: image encoder {name!r} takes {vision.image_size}-pixel crops only")
         mean, std = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
+    else:
+        resize_dim = DINOV2_RESIZE_DIM if resize_dim is None else resize_dim
+        crop_dim = DINOV2_CROP_DIM if crop_dim is None else crop_dim
+        mean, std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+    _check_image_sizes(resize_dim, crop_dim, vision.patch_size)  # before the weights load: it takes a while
+    model = _load_model(model_id, name, config)
+    if family == "clip":
         feature_dim = model.visual_projection.out_features  # the projection itself, not a config field
     else:
-        resize_dim = resize_dim or DINOV2_RESIZE_DIM
-        crop_dim = crop_dim or DINOV2_CROP_DIM
-        mean, std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
         feature_dim = model.config.hidden_size * (2 if feature_type == "cls_avg_patch" else 1)
-    if crop_dim > resize_dim:
-        raise InputError(f"crop size {crop_dim} is larger than the resize size {resize_dim}")
     # A local directory is recorded as an absolute path so a checkpoint finds it from anywhere.
     resolved = str(Path(model_id).resolve()) if os.path.isdir(model_id) else model_id
     spec = EncoderSpec(family, resolved, feature_type, resize_dim, crop_dim, mean, std, feature_dim)

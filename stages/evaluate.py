@@ -20,7 +20,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 from transformers import PreTrainedTokenizerBase
 
-from data.atomic import write_json_atomic
+from data.atomic import check_outputs, write_json_atomic
 from data.errors import InputError
 from data.features import FeatureFile, read_feature_file
 from data.references import (
@@ -35,7 +35,7 @@ from models.captioner import ClipCaptionModel
 from models.checkpoint import load_checkpoint, load_tokenizer
 from models.decoding import DecodingOptions, decoding_options_from_args
 from models.device import resolve_device, resolve_precision
-from stages.predict import caption_feature_file, check_feature_width
+from stages.predict import caption_feature_file, check_features_fit
 
 # Metric groups as pycocoevalcap names them, and the score keys each one yields.
 METRIC_KEYS = {
@@ -264,6 +264,8 @@ def _check_sources(args: argparse.Namespace) -> None:
         raise InputError("give --checkpoint X.pt --features FILE, or --predictions FILE --references FILE")
     if args.batch_size < 1:
         raise InputError(f"--batch_size {args.batch_size}: must be at least 1")
+    inputs = ("checkpoint", "features", "predictions", "references")
+    check_outputs({"--output": args.output}, {f"--{name}": getattr(args, name) for name in inputs})
 
 
 def run_evaluation(args: argparse.Namespace) -> dict:
@@ -301,7 +303,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     }
     if args.checkpoint is not None:
         model = load_checkpoint(args.checkpoint, map_location=device).to(device)
-        check_feature_width(feature_file.feature_dim, model, args.features)
+        check_features_fit(feature_file, model, args.features)
         captioned = caption_feature_file(
             model,
             load_tokenizer(model.config.lm_name),

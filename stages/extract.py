@@ -8,6 +8,7 @@ partial saves for `--resume`, and the merge of torchrun processes' shares.
 """
 
 import argparse
+import glob
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,17 +19,20 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.annotations import ImageRecord, read_annotations
-from data.atomic import write_json_atomic
+from data.annotations import ImageRecord, inside_images_dir, read_annotations
+from data.atomic import check_outputs, remove_stale_temporaries, write_json_atomic
 from data.errors import InputError
-from data.features import FEATURES_KEY, FeatureFile, write_feature_file
-from data.images import ImageDataset, collate_images
+from data.features import FEATURES_KEY, FeatureFile, nonfinite_rows, write_feature_file
+from data.images import IMAGE_CONVERSION, ImageDataset, collate_images
 from models.device import autocast, resolve_precision
 from models.encoders import ImageEncoder, Preprocess, load_encoder
 from stages.distributed import DistributedContext, close_distributed, init_distributed
 from stages.extract_resume import Chunk, PartialStore, fingerprint
 
 MAX_SKIPPED_SHOWN = 20  # the rest is in the *.skipped.json report
+OUTSIDE_REASON = "outside the images directory"  # whether or not the file exists: the report reveals nothing
+NONFINITE_REASON = "the encoder gave NaN or infinite features"
+
 
 @dataclass
 class EncodedBatch:
@@ -52,7 +56,7 @@ def iter_encoded_batches(
 ) -> Iterator[EncodedBatch]:
     """Decode `paths` in `num_workers` processes and encode them on `device` (the encoder moves there)."""
     loader = DataLoader(
-        ImageDataset([Path(path) for path in paths], preprocess),
+        ImageDataset([Path(path) for path in paths], preprocess, encoder.spec.resize_dim),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_images,
@@ -70,6 +74,11 @@ def iter_encoded_batches(
                 with autocast(device, precision):
                     features = encoder(pixels.to(device, non_blocking=True))  # (b, D)
                 features = features.float().cpu()
+                bad = set(nonfinite_rows(features))
+                if bad:  # an image the encoder cannot represent fails alone, not its batch or the file
+                    failures = failures + [(indices[row], NONFINITE_REASON) for row in sorted(bad)]
+                    keep = [row for row in range(len(indices)) if row not in bad]
+                    indices, features = [indices[row] for row in keep], features[keep]
             skipped += len(failures)
             bar.update(len(indices) + len(failures))
             if failures:
@@ -122,23 +131,28 @@ def extract_features(
     context: DistributedContext | None = None,
     resume: bool = False,
     checkpoint_every: int = 2000,
+    allow_outside_images_dir: bool = False,
 ) -> ExtractionResult | None:
     """Encode every record's image into `output_file` (rank 0 writes; other ranks return None).
 
     Each process encodes the images i with i % world_size == rank; results go to the partial store
     every `checkpoint_every` images, and rank 0 merges the store into the feature file. With `resume`,
-    images already in the store (encoded or skipped) are not read again."""
+    images already in the store (encoded or skipped) are not read again. Paths leaving `images_dir`
+    are skipped unread unless `allow_outside_images_dir`."""
     context = context or DistributedContext()
     images_dir = Path(images_dir)
     paths = [images_dir / record.file_path for record in records]
     spec = encoder.spec.to_dict()
     file_paths = [record.file_path for record in records]
     settings = fingerprint(spec, precision, str(captions_file), split, str(images_dir), file_paths)
+    settings["allow_outside_images_dir"] = allow_outside_images_dir  # it decides which images are skipped
     store = PartialStore(output_file, settings)
     if resume:
         store.check()
     if context.is_main:
         store.start(fresh=not resume)
+        for target in (Path(output_file), skipped_path(output_file)):  # left by a killed run's writes
+            remove_stale_temporaries(target.parent, glob.escape(target.name))
     if context.enabled:
         dist.barrier()  # nobody reads the store before rank 0 has set it up
 
@@ -151,6 +165,10 @@ def extract_features(
         print(f"resuming: {len(done)} images done before, {len(todo)} left for this process")
 
     chunk = Chunk()
+    if not allow_outside_images_dir:  # never opened, not even looked at: the annotations chose these paths
+        outside = {index for index in todo if not inside_images_dir(images_dir, records[index].file_path)}
+        chunk.failures.extend((index, OUTSIDE_REASON) for index in sorted(outside))
+        todo = [index for index in todo if index not in outside]
     batches = iter_encoded_batches(
         encoder,
         preprocess,
@@ -177,6 +195,7 @@ def extract_features(
         "encoder": spec,
         "feature_type": spec["feature_type"],
         "image_size": spec["crop_dim"],
+        "image_conversion": IMAGE_CONVERSION,
         "precision": precision,
         "split": split,
         "captions_file": str(captions_file),
@@ -206,7 +225,6 @@ def _merge(
     write_feature_file(output_file, features)
     store.remove()
     return ExtractionResult(features, skipped, report)
-  # the rest is in the *.skipped.json report
 
 
 def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
@@ -249,6 +267,12 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue an interrupted run from its partial results (<output_file>.partial/) without re-encoding them",
+    )
+    parser.add_argument(
+        "--allow_outside_images_dir",
+        action="store_true",
+        help="read annotation paths that lead outside --coco_images_dir (absolute or with ..); by default "
+        "they are skipped",
     )
     parser.add_argument(
         "--checkpoint_every",
@@ -302,6 +326,11 @@ def run_extraction(
     """Read annotations, load the encoder, encode (under torchrun: this process's share), and report.
     `output_suffix` goes into the default output name (e.g. the DINOv2 feature type)."""
     _check_arguments(args)
+    output_file = Path(args.output_file or default_output_file(model_name, args.split, output_suffix))
+    check_outputs(
+        {"--output_file": output_file, "its skipped-images report": skipped_path(output_file)},
+        {"--captions_file": args.captions_file},
+    )
     context, device = init_distributed(args.device)
     try:
         precision = resolve_precision(args.precision, device)
@@ -309,7 +338,6 @@ def run_extraction(
         encoder, preprocess = load_encoder(
             model_name, family=family, feature_type=feature_type, resize_dim=resize_dim, crop_dim=crop_dim
         )
-        output_file = Path(args.output_file or default_output_file(model_name, args.split, output_suffix))
         if context.is_main:
             config = {**vars(args), "output_file": str(output_file), "device": str(device), "precision": precision}
             config.update(world_size=context.world_size, images=len(records), encoder=encoder.spec.to_dict())
@@ -329,6 +357,7 @@ def run_extraction(
             context=context,
             resume=args.resume,
             checkpoint_every=args.checkpoint_every,
+            allow_outside_images_dir=args.allow_outside_images_dir,
         )
         if result is not None:
             print_summary(result, output_file)

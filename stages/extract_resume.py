@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from data.atomic import torch_save_atomic, write_json_atomic
+from data.atomic import remove_stale_temporaries, torch_save_atomic, write_json_atomic
 from data.errors import InputError
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -62,6 +62,12 @@ class PartialStore:
         self.directory = Path(f"{output_file}.partial")
         # A JSON round trip, so the comparison with the stored copy sees lists, not tuples.
         self.settings = json.loads(json.dumps(settings))
+        # A fresh run deletes the store's content: through a link, that would be someone else's directory.
+        if self.directory.is_symlink() or (self.directory.exists() and not self.directory.is_dir()):
+            raise InputError(
+                f"{self.directory}: is a symbolic link or not a directory; the partial results of an extraction "
+                "must be a plain directory (move this one away)"
+            )
 
     def check(self) -> None:
         """Refuse to resume from results made with other settings (or from no fingerprint at all)."""
@@ -86,6 +92,7 @@ class PartialStore:
         if fresh and self.directory.exists():
             shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.directory, "*")  # chunks a killed run was writing; the directory is ours
         write_json_atomic(self.directory / FINGERPRINT_FILE, self.settings)
 
     def save(self, chunk: Chunk) -> None:

@@ -13,8 +13,9 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from data.annotations import image_id_from_path
+from data.atomic import check_outputs
 from data.errors import InputError
-from data.features import FeatureFile, read_feature_file
+from data.features import FeatureFile, check_same_encoder, read_feature_file
 from data.predictions import expand_image_inputs, write_coco_results
 from data.sheet import draw_contact_sheet, sheet_format
 from models.captioner import ClipCaptionModel
@@ -43,6 +44,12 @@ def check_feature_width(feature_dim: int, model: ClipCaptionModel, source: str) 
     expected = model.config.feature_dim
     if feature_dim != expected:
         raise InputError(f"{source} gives {feature_dim}-d features, the captioner's mapper expects {expected}-d")
+
+
+def check_features_fit(feature_file: FeatureFile, model: ClipCaptionModel, source: str) -> None:
+    """A feature file's width and (when both record it) its encoder must be those the captioner was trained on."""
+    check_feature_width(feature_file.feature_dim, model, source)
+    check_same_encoder(feature_file, source, model.config.encoder, "the captioner")
 
 
 def load_for_images(checkpoint: str | os.PathLike) -> tuple[ClipCaptionModel, ImageEncoder, Preprocess]:
@@ -172,7 +179,7 @@ def predict_features(
         model = load_clipcap_weights(args.weights, _clipcap_settings(args, feature_file.feature_dim))
     else:
         model = load_checkpoint(args.checkpoint)
-    check_feature_width(feature_file.feature_dim, model, args.features)
+    check_features_fit(feature_file, model, args.features)
     tokenizer = load_tokenizer(model.config.lm_name)
     results = caption_feature_file(
         model.to(device),
@@ -191,11 +198,10 @@ def predict_features(
 
 
 def predict_images(
-    args: argparse.Namespace, options: DecodingOptions, device: torch.device, precision: str
+    args: argparse.Namespace, paths: list[Path], options: DecodingOptions, device: torch.device, precision: str
 ) -> tuple[list[tuple[Path, list[str]]], int]:
     """Caption image files, printing `path<TAB>caption` lines and an error line for each unreadable
     one; returns (path, captions) of those read and the number that could not be."""
-    paths = expand_image_inputs(args.images)
     if args.weights:
         model, encoder, preprocess = load_clipcap_for_images(
             args.weights, _clipcap_settings(args), args.clip_model_type
@@ -233,6 +239,11 @@ def predict_images(
 def run_prediction(args: argparse.Namespace) -> None:
     """predict.py's run: load the model, caption images or a feature file, write what was asked."""
     _check_args(args)
+    paths = expand_image_inputs(args.images) if args.images else []
+    check_outputs(
+        {"--output": args.output, "--sheet": args.sheet},
+        {"--checkpoint": args.checkpoint, "--weights": args.weights, "--features": args.features, "input": paths},
+    )
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     options = decoding_options_from_args(args)
@@ -248,7 +259,7 @@ def run_prediction(args: argparse.Namespace) -> None:
     if args.features:
         results, failed = predict_features(args, options, device, precision), 0
     else:
-        captioned, failed = predict_images(args, options, device, precision)
+        captioned, failed = predict_images(args, paths, options, device, precision)
         results = [(image_id_from_path(path), captions) for path, captions in captioned]
         if args.sheet and captioned:
             drawn = captioned[: args.sheet_max]

@@ -17,7 +17,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from data.captions import CaptionBatch, CaptionCollator, CaptionDataset, build_caption_dataset
 from data.errors import InputError
-from data.features import FeatureFile, read_feature_file
+from data.features import FeatureFile, check_same_encoder, read_feature_file
 from models.captioner import ClipCaptionModel
 from models.checkpoint import build_captioner, load_state_into, load_tokenizer, save_checkpoint, save_config_json
 from models.config import CaptionerConfig
@@ -78,6 +78,7 @@ class Trainer:
         self.options, self.context, self.device = options, context, device
         self.precision = resolve_precision(options.precision, device)
         self.files = RunFiles(Path(options.out_dir), options.prefix)
+        self.files.check_apart_from({"--data": options.data, "--val_data": options.val_data}, options.epochs)
         checkpoint = None
         if options.resume:
             source = resume_path(options.resume, options.prefix)
@@ -126,6 +127,8 @@ class Trainer:
             torch.manual_seed(options.seed + context.rank)  # dropout differs between ranks
         device_ids = [device.index] if device.type == "cuda" else None
         self.network = DistributedDataParallel(self.model, device_ids=device_ids) if context.enabled else self.model
+        if (options.resume or options.overwrite) and context.is_main:
+            self.files.remove_temporaries()  # left by writes a killed run did not finish
         if checkpoint is None and options.overwrite and context.is_main:
             self.files.remove_existing()  # only now that the data, flags and model have all checked out
 
@@ -174,6 +177,9 @@ class Trainer:
                 f"--val_data {self.options.val_data} has {val_file.feature_dim}-d features, "
                 f"--data has {self.config.feature_dim}-d"
             )
+        check_same_encoder(
+            val_file, f"--val_data {self.options.val_data}", self.config.encoder, f"--data {self.options.data}"
+        )
         return self._dataset(val_file)
 
     def _restore(self, checkpoint: dict, source: Path) -> None:

@@ -1,6 +1,7 @@
 """The files of a training run and the state that lets `--resume` continue it exactly: where the
 run stands, RNG states of every rank, the per-step log, and the checks that a resumed run is the same run."""
 
+import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data.atomic import atomic_write
+from data.atomic import atomic_write, check_output_target, check_outputs, remove_stale_temporaries
 from data.errors import InputError
 from models.checkpoint import read_checkpoint
 from models.config import CaptionerConfig
@@ -64,9 +65,14 @@ class RunFiles:
     def log(self) -> Path:
         return self.out_dir / f"{self.prefix}_log.jsonl"
 
+    @property
+    def fixed(self) -> list[Path]:
+        """The files whose names do not change with the epoch."""
+        return [self.latest, self.best, self.config_json, self.log]
+
     def existing(self) -> list[Path]:
         """Files of an earlier run with this prefix."""
-        fixed = [self.latest, self.best, self.config_json, self.log]
+        fixed = self.fixed
         numbered = self.out_dir.glob(f"{self.prefix}-[0-9][0-9][0-9]*.pt") if self.out_dir.is_dir() else []
         return sorted([path for path in fixed if path.exists()] + list(numbered))
 
@@ -78,6 +84,17 @@ class RunFiles:
                 f"{self.out_dir} already holds run '{self.prefix}' ({existing[0].name}, ...): "
                 f"continue it with --resume {self.out_dir}, or start over with --overwrite"
             )
+
+    def check_apart_from(self, inputs: dict[str, str | None], epochs: int) -> None:
+        """Refuse a run whose files would replace one of its inputs (e.g. --data out/run.json), or a link or device."""
+        outputs = [*self.fixed, *map(self.epoch_checkpoint, range(epochs))]
+        check_outputs({"output": outputs}, inputs)
+
+    def remove_temporaries(self) -> None:
+        """Delete the temporary files of this run's writes that a killed process left (--resume, --overwrite)."""
+        prefix = glob.escape(self.prefix)
+        for pattern in (f"{prefix}-[0-9][0-9][0-9]*.pt", *(glob.escape(path.name) for path in self.fixed)):
+            remove_stale_temporaries(self.out_dir, pattern)
 
     def remove_existing(self) -> None:
         """Delete an earlier run's files (--overwrite): its stale epoch checkpoints would mix with the new run's."""
@@ -161,9 +178,10 @@ class StepLog:
     step (written after the last `_latest.pt`) are dropped, so each step appears once."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None):
-        self.handle = None
+        self.handle, self.path = None, path
         if not enabled:
             return
+        check_output_target(path)  # appending through a link would write into another directory
         if resume_step is not None and path.is_file():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
             with atomic_write(path, "w") as handle:
@@ -174,7 +192,10 @@ class StepLog:
     def write(self, **record: Any) -> None:
         """One JSON line (step, epoch, and the figures of that step or epoch)."""
         if self.handle is not None:
-            self.handle.write(json.dumps(record) + "\n")
+            try:
+                self.handle.write(json.dumps(record) + "\n")
+            except OSError as error:  # a full disk: one line naming the log, as the atomic writers give
+                raise InputError(f"{self.path}: cannot write ({error.strerror or error})") from None
 
     def close(self) -> None:
         if self.handle is not None:
