@@ -114,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="where tokenized captions are cached (default $CLIPCAP_PLUS_CACHE_DIR or ~/.cache/clipcap-plus)",
     )
+    ours.add_argument(
+        "--max_caption_chars",
+        type=int,
+        default=2000,
+        help="captions longer than this many characters are dropped (and counted) before tokenizing",
+    )
     return parser.parse_args(argv)
 
 

@@ -16,7 +16,9 @@ from models.captioner import ClipCaptionModel
 from models.checkpoint import build_captioner, load_checkpoint, load_lm, load_tokenizer
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_features
+from stages.distributed import DistributedContext
 from stages.train import Trainer
+from stages.train_options import TrainingOptions
 from tests.conftest import REPO
 
 CAPTIONS = [
@@ -328,3 +330,10 @@ def test_teacher_forced_pass_builds_no_key_value_cache(tiny_gpt2_dir):
     tokens = torch.randint(0, 100, (2, 5))
     model(torch.randn(2, FEATURE_DIM), tokens, torch.ones_like(tokens))
     assert outputs[0].past_key_values is None  # a cache no teacher-forced step reads would cost time and memory
+
+
+def test_adamw_epsilon_is_clipcaps(tmp_path, tiny_gpt2_dir):
+    data = write_features(tmp_path / "train.pkl", [CAPTIONS[:2]])
+    options = TrainingOptions(**vars(train.parse_args(train_args(data, tmp_path / "run", tiny_gpt2_dir))))
+    trainer = Trainer(options, DistributedContext(), torch.device("cpu"))
+    assert trainer.optimizer.defaults["eps"] == 1e-6
