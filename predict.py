@@ -13,6 +13,17 @@ from models.decoding import add_decoding_args
 from models.mappers import MAPPERS
 from stages.predict import run_prediction
 
+# The settings an original ClipCap state dict cannot tell by itself, and their defaults.
+WEIGHTS_DEFAULTS = {
+    "mapping_type": "mlp",
+    "prefix_length": 10,
+    "prefix_length_clip": 10,
+    "num_layers": 8,
+    "normalize_prefix": False,
+    "clip_model_type": "ViT-B/32",
+    "gpt2": "gpt2",
+}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,19 +42,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64, help="images encoded and decoded together")
     parser.add_argument("--precision", default="auto", help="fp32, bf16 or fp16 (CUDA); auto: bf16 on CUDA, else fp32")
     parser.add_argument("--num_workers", type=int, default=2, help="processes decoding image files")
-    clipcap = parser.add_argument_group("original ClipCap weights (instead of --checkpoint)")
-    clipcap.add_argument("--weights", help="a bare ClipCap state dict, e.g. coco_weights.pt")
-    clipcap.add_argument("--mapping_type", choices=sorted(MAPPERS), default="mlp", help="the weights' mapper")
-    clipcap.add_argument("--prefix_length", type=int, default=10, help="the weights' prefix length")
-    clipcap.add_argument("--prefix_length_clip", type=int, default=10, help="transformer mapper: feature tokens")
-    clipcap.add_argument("--num_layers", type=int, default=8, help="transformer mapper: layers")
-    clipcap.add_argument("--normalize_prefix", action="store_true", help="the weights expect L2-normalized features")
-    clipcap.add_argument(
-        "--clip_model_type", default="ViT-B/32", help="the weights' image encoder: CLIP or DINOv2 name, id or directory"
+    clipcap = parser.add_argument_group(
+        "original ClipCap weights (instead of --checkpoint, whose config records all of these)"
     )
-    clipcap.add_argument("--gpt2", default="gpt2", help="the LM (and tokenizer) the weights were trained on")
+    clipcap.add_argument("--weights", help="a bare ClipCap state dict, e.g. coco_weights.pt")
+    # Defaults None: a flag given with --checkpoint is refused, not silently ignored; the real defaults
+    # are filled in after that check (WEIGHTS_DEFAULTS).
+    clipcap.add_argument("--mapping_type", choices=sorted(MAPPERS), help="the weights' mapper (default: mlp)")
+    clipcap.add_argument("--prefix_length", type=int, help="the weights' prefix length (default: 10)")
+    clipcap.add_argument("--prefix_length_clip", type=int, help="transformer mapper: feature tokens (default: 10)")
+    clipcap.add_argument("--num_layers", type=int, help="transformer mapper: layers (default: 8)")
+    clipcap.add_argument(
+        "--normalize_prefix", action="store_true", default=None, help="the weights expect L2-normalized features"
+    )
+    clipcap.add_argument(
+        "--clip_model_type", help="the weights' image encoder: CLIP or DINOv2 name, id or directory (default: ViT-B/32)"
+    )
+    clipcap.add_argument("--gpt2", help="the LM (and tokenizer) the weights were trained on (default: gpt2)")
     add_decoding_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    given = [name for name in WEIGHTS_DEFAULTS if getattr(args, name) is not None]
+    if args.checkpoint is not None and given:
+        parser.error(f"--{given[0]} is a setting of --weights; with --checkpoint the checkpoint's config decides it")
+    for name, default in WEIGHTS_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return args
 
 
 def main(args: argparse.Namespace) -> None:

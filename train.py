@@ -156,6 +156,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="where tokenized captions are cached (default $CLIPCAP_PLUS_CACHE_DIR or ~/.cache/clipcap-plus)",
     )
+    ours.add_argument(
+        "--max_caption_chars",
+        type=int,
+        default=2000,
+        help="captions longer than this many characters are dropped (and counted) before tokenizing",
+    )
     scst = parser.add_argument_group("SCST: self-critical fine-tuning of a train.py checkpoint (Stage 2b)")
     scst.add_argument("--scst", action="store_true", help="fine-tune --init_from by SCST instead of cross-entropy")
     scst.add_argument("--init_from", help="the train.py checkpoint to start from: its config decides the model")

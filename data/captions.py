@@ -3,7 +3,7 @@ padded per batch by `collate_captions`. Nothing here changes the dataset after i
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from data.atomic import torch_save_atomic
+from data.errors import InputError
 from data.features import FEATURES_KEY, FeatureFile
 
 CACHE_ENV = "CLIPCAP_PLUS_CACHE_DIR"
@@ -66,6 +67,24 @@ class TokenizedCaptions:
         )
 
 
+def drop_long_captions(features: FeatureFile, max_chars: int) -> tuple[FeatureFile, int]:
+    """The feature file without its captions longer than `max_chars` characters, and how many those were.
+    Tokenizing a pathological caption (a pickle can reference one long string thousands of times) costs
+    gigabytes; no real caption is that long."""
+    kept = [caption for caption in features.captions if len(caption["caption"]) <= max_chars]
+    return replace(features, captions=kept), len(features.captions) - len(kept)
+
+
+def check_captions_have_tokens(tokenized: "TokenizedCaptions", tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a tokenizer that turns most captions into nothing: the model would learn to say EOS alone."""
+    empty = int((tokenized.lengths() == 1).sum())  # EOS alone
+    if empty > len(tokenized) / 2:
+        raise InputError(
+            f"tokenizer {tokenizer.name_or_path!r} turns {empty} of {len(tokenized)} captions into no tokens; "
+            "its vocabulary did not load, or it is not the LM's tokenizer"
+        )
+
+
 def tokenize_captions(
     captions: list[dict], tokenizer: PreTrainedTokenizerBase, progress: bool = False
 ) -> TokenizedCaptions:
@@ -97,10 +116,11 @@ def load_or_tokenize(
             cached = torch.load(path, weights_only=True)
             tokenized = TokenizedCaptions(cached["tokens"], cached["offsets"], key)
             if tokenized.is_consistent(len(captions)):
-                return tokenized
+                return tokenized  # checked by check_captions_have_tokens before it was cached
         except Exception:  # a damaged cache file is rebuilt, never trusted and never fatal
             pass
     tokenized = tokenize_captions(captions, tokenizer, progress)
+    check_captions_have_tokens(tokenized, tokenizer)
     tokenized.key = key
     if write_cache:
         torch_save_atomic({"tokens": tokenized.tokens, "offsets": tokenized.offsets}, path)

@@ -73,7 +73,10 @@ class ClipCaptionModel(nn.Module):
         # Position P-1+t predicts caption token t: only those positions go through the LM head.
         prefix_length, caption_length = prefix.shape[1], tokens.shape[1]
         predicting = torch.arange(prefix_length - 1, prefix_length + caption_length - 1, device=tokens.device)
-        logits = self.gpt(inputs_embeds=inputs_embeds, attention_mask=full_mask, logits_to_keep=predicting).logits
+        # use_cache=False: GPT-2 defaults to building a key/value cache that a teacher-forced pass never reads.
+        logits = self.gpt(
+            inputs_embeds=inputs_embeds, attention_mask=full_mask, logits_to_keep=predicting, use_cache=False
+        ).logits
         loss = None
         if compute_loss:
             labels = tokens.masked_fill(attention_mask == 0, IGNORE_INDEX)

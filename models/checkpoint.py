@@ -15,6 +15,15 @@ from models.config import CaptionerConfig
 
 # Buffers that GPT-2 checkpoints from older transformers carry and current ones do not.
 LEGACY_LM_BUFFERS = (".attn.bias", ".attn.masked_bias")
+# A tokenizer with fewer tokens than this did not load its vocabulary (transformers 5 builds a
+# vocabulary of 1 from missing files): every caption would become EOS alone and the loss 0.
+MIN_VOCABULARY = 32
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first non-empty line, else its type (a zero-byte file gives EOFError(''))."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def load_lm(name: str) -> PreTrainedModel:
@@ -22,7 +31,7 @@ def load_lm(name: str) -> PreTrainedModel:
     try:
         return AutoModelForCausalLM.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise InputError(f"cannot load language model {name!r}: {str(error).splitlines()[0]}") from None
+        raise InputError(f"cannot load language model {name!r}: {first_line(error)}") from None
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -30,7 +39,12 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise InputError(f"cannot load tokenizer {name!r}: {str(error).splitlines()[0]}") from None
+        raise InputError(f"cannot load tokenizer {name!r}: {first_line(error)}") from None
+    if len(tokenizer) < MIN_VOCABULARY:
+        raise InputError(
+            f"tokenizer {name!r} has a vocabulary of {len(tokenizer)} token(s): its vocabulary files did not load "
+            "(a GPT-2 tokenizer has 50257)"
+        )
     if tokenizer.eos_token_id is None:
         raise InputError(f"tokenizer {name!r} has no EOS token, which captions end with")
     if tokenizer.pad_token_id is None:
@@ -40,8 +54,18 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 def lm_from_config(lm_config: dict[str, Any]) -> PreTrainedModel:
     """An LM with the architecture in `lm_config` (random weights, to be overwritten)."""
-    config = AutoConfig.for_model(**lm_config)
-    return AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.for_model(**lm_config)
+        return AutoModelForCausalLM.from_config(config)
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(f"the checkpoint's lm_config describes no buildable LM: {first_line(error)}") from None
+
+
+def meta_captioner(config: CaptionerConfig, lm: PreTrainedModel | None = None) -> ClipCaptionModel:
+    """The captioner `config` describes, its new modules on the meta device: every shape, no memory.
+    The LM is `lm`, else built from `config.lm_config`."""
+    with torch.device("meta"):
+        return ClipCaptionModel(config, lm if lm is not None else lm_from_config(config.lm_config))
 
 
 def build_captioner(config: CaptionerConfig, lm: PreTrainedModel | None = None) -> ClipCaptionModel:
@@ -72,19 +96,20 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for corrupt or unsafe files
-        raise InputError(f"{path}: cannot read checkpoint: {str(error).splitlines()[0]}") from None
+        raise InputError(f"{path}: cannot read checkpoint: {first_line(error)}") from None
 
 
-def _strip_legacy_buffers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor for name, tensor in state.items() if not name.endswith(LEGACY_LM_BUFFERS)}
-
-
-def load_state_into(model: ClipCaptionModel, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights in ClipCap's key layout (ours or theirs); the LM may be absent when frozen."""
-    state = _strip_legacy_buffers(state)
+def check_state(model: ClipCaptionModel, state: Any, source: str) -> dict[str, torch.Tensor]:
+    """The weights, in ClipCap's key layout (ours or theirs), checked against `model`'s names and
+    shapes (a meta_captioner will do); the LM may be absent when frozen."""
+    if not isinstance(state, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in state.values()):
+        raise InputError(f"{source}: the weights are not a state dict of tensors")
+    state = {name: tensor for name, tensor in state.items() if not name.endswith(LEGACY_LM_BUFFERS)}
     expected = model.state_dict()
     tied = {name for name in expected if name.endswith("lm_head.weight")}  # tied to the embeddings
     lm_optional = not model.config.lm_in_checkpoint
@@ -104,7 +129,12 @@ def load_state_into(model: ClipCaptionModel, state: dict[str, torch.Tensor], sou
             raise InputError(
                 f"{source}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(state, strict=False)
+    return state
+
+
+def load_state_into(model: ClipCaptionModel, state: Any, source: str) -> None:
+    """Load weights in ClipCap's key layout (ours or theirs); the LM may be absent when frozen."""
+    model.load_state_dict(check_state(model, state, source), strict=False)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ClipCaptionModel:
@@ -116,11 +146,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             "use predict.py --weights with its settings"
         )
     config = CaptionerConfig.from_dict(checkpoint["config"], source=str(path))
-    if config.lm_in_checkpoint and config.lm_config:
-        lm = lm_from_config(config.lm_config)
-    else:
-        lm = load_lm(config.lm_name)
-    model = ClipCaptionModel(config, lm)
+    lm = None if config.lm_in_checkpoint and config.lm_config else load_lm(config.lm_name)
+    # Shapes first, on the meta device: a small file whose config declares a large model must not
+    # cost that model's memory before it is found out.
+    check_state(meta_captioner(config, lm), checkpoint["model"], str(path))
+    model = ClipCaptionModel(config, lm if lm is not None else lm_from_config(config.lm_config))
     if not config.lm_in_checkpoint:
         model.freeze_lm()
     load_state_into(model, checkpoint["model"], str(path))
@@ -133,7 +163,9 @@ def load_clipcap_weights(path: str | os.PathLike, config: CaptionerConfig) -> Cl
     if not isinstance(state, dict) or not any(name.startswith("clip_project.") for name in state):
         raise InputError(f"{path}: not a ClipCap state dict (no 'clip_project.*' weights)")
     config.lm_in_checkpoint = any(name.startswith("gpt.") for name in state)
-    model = build_captioner(config)
+    lm = load_lm(config.lm_name)
+    check_state(meta_captioner(config, lm), state, str(path))  # before the mapper the settings describe is built
+    model = build_captioner(config, lm)
     if not config.lm_in_checkpoint:
         model.freeze_lm()
     load_state_into(model, state, str(path))

@@ -5,6 +5,7 @@ and training-time evaluation."""
 import argparse
 import functools
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,10 @@ class DecodingOptions:
             raise InputError(f"--num_captions {self.num_captions}: at most --beam_size ({self.beam_size})")
         if self.max_length < 1:
             raise InputError(f"--max_length {self.max_length}: must be at least 1")
-        if self.temperature <= 0:
-            raise InputError(f"--temperature {self.temperature}: must be positive (for the argmax use --decode greedy)")
+        if not 0 < self.temperature < math.inf:  # written so that NaN fails too
+            raise InputError(
+                f"--temperature {self.temperature}: must be positive and finite (for the argmax use --decode greedy)"
+            )
         if not 0 < self.top_p <= 1:
             raise InputError(f"--top_p {self.top_p}: must be in (0, 1]")
         if self.top_k < 0:
@@ -332,6 +335,9 @@ def decode(
         )
     device = prefix_embeds.device
     stop_ids = torch.tensor([eos_token_id, *stop_token_ids], device=device)
+    vocab_size = model.gpt.get_output_embeddings().weight.shape[0]  # the logits' width
+    if options.method == "beam" and options.beam_size > vocab_size:
+        raise InputError(f"--beam_size {options.beam_size}: more beams than the LM's {vocab_size} tokens")
     if options.method == "beam":
         rows = LanguageModelRows(model.gpt, prefix_embeds, options.use_cache)
         return beam_search(rows, num_images, stop_ids, options)

@@ -2,11 +2,18 @@
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from data.errors import InputError
 from models.device import resolve_device
+
+TIMEOUT_ENV = "CLIPCAP_PG_TIMEOUT_S"  # seconds a collective may wait (torch's default when unset: 10 min on NCCL)
+# How long the other ranks wait while the main process alone works (validation captions scored by
+# Java): far longer than a collective should wait, so it has a group of its own.
+MAIN_WORK_TIMEOUT = timedelta(hours=6)
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,33 @@ def init_distributed(device_name: str | None = None) -> tuple[DistributedContext
         device = torch.device("cuda", context.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=process_group_timeout())
     return context, device
+
+
+def process_group_timeout() -> timedelta | None:
+    """$CLIPCAP_PG_TIMEOUT_S as a timeout, else None (torch's default)."""
+    value = os.environ.get(TIMEOUT_ENV)
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise InputError(f"{TIMEOUT_ENV}={value}: must be a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
+def main_work_group(context: DistributedContext) -> dist.ProcessGroup | None:
+    """A gloo group with a long timeout, for waiting on the main process (all ranks must create it)."""
+    return dist.new_group(backend="gloo", timeout=MAIN_WORK_TIMEOUT) if context.enabled else None
+
+
+def wait_for_main(group: dist.ProcessGroup | None) -> None:
+    """Every rank waits here until the main process has finished its work alone (see main_work_group)."""
+    if group is not None:
+        dist.barrier(group=group)
 
 
 def close_distributed() -> None:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from data.captions import CaptionBatch, CaptionCollator, CaptionDataset, build_caption_dataset
+from data.captions import CaptionBatch, CaptionCollator, CaptionDataset, build_caption_dataset, drop_long_captions
 from data.errors import InputError
 from data.features import FeatureFile, check_same_encoder, read_feature_file
 from models.captioner import ClipCaptionModel
@@ -23,18 +23,29 @@ from models.checkpoint import build_captioner, load_state_into, load_tokenizer, 
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions
 from models.device import autocast, resolve_precision
-from stages.distributed import DistributedContext, close_distributed, init_distributed
+from stages.distributed import (
+    DistributedContext,
+    close_distributed,
+    init_distributed,
+    main_work_group,
+    wait_for_main,
+)
 from stages.train_options import TrainingOptions, captioner_config, check_option_values
 from stages.train_state import (
     TRAJECTORY_OPTIONS,
     RunFiles,
     StepLog,
     check_same_run,
+    check_same_runtime,
     gather_rng_states,
     read_resume_checkpoint,
     restore_rng_state,
     resume_path,
+    runtime_record,
 )
+
+# ClipCap's AdamW epsilon (torch's default is 1e-8).
+ADAM_EPS = 1e-6
 
 
 def epoch_order(dataset: Dataset, seed: int, epoch: int, context: DistributedContext) -> list[int]:
@@ -74,11 +85,12 @@ class Trainer:
     """One training run: the model, its optimizer and schedule, the data, and where the run stands."""
 
     def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device):
-        check_option_values(options)
         self.options, self.context, self.device = options, context, device
         self.precision = resolve_precision(options.precision, device)
+        self.runtime = runtime_record(device, self.precision)
         self.files = RunFiles(Path(options.out_dir), options.prefix)
-        self.files.check_apart_from({"--data": options.data, "--val_data": options.val_data}, options.epochs)
+        inputs = {"--data": options.data, "--val_data": options.val_data, "--init_from": options.init_from}
+        self.files.check_apart_from(inputs, options.epochs)
         checkpoint = None
         if options.resume:
             source = resume_path(options.resume, options.prefix)
@@ -94,21 +106,28 @@ class Trainer:
             from stages.evaluate import require_java
 
             require_java()  # now, not after the first epoch's work
-        train_file = read_feature_file(options.data)
+        train_file = self._short_captions(read_feature_file(options.data), f"--data {options.data}")
         self.config = self.model_config(train_file)
         if checkpoint is not None:  # before anything slow: a wrong file or flag fails at once
             check_same_run(checkpoint, source, self.config, self._trajectory())
+            check_same_runtime(checkpoint, source, self.runtime)
         self.tokenizer = load_tokenizer(self.config.lm_name)
         torch.manual_seed(options.seed)  # the mapper's initial weights
         self.model = self.build_model()
         self.collate = CaptionCollator(self.tokenizer.pad_token_id)
         self.train_set, self.train_collate = self.training_data(train_file)
-        self.val_file = read_feature_file(options.val_data) if options.val_data else None
+        self.val_file = (
+            self._short_captions(read_feature_file(options.val_data), f"--val_data {options.val_data}")
+            if options.val_data
+            else None
+        )
         self.val_set = self._val_set(self.val_file) if self.val_file is not None else None
 
         self.model.to(device)
         self.trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=options.lr, weight_decay=options.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=options.lr, weight_decay=options.weight_decay, eps=ADAM_EPS
+        )
         samples_per_rank = math.ceil(len(self.train_set) / context.world_size)  # DistributedSampler pads to this
         self.steps_per_epoch = math.ceil(samples_per_rank / options.batch_size)
         self.scheduler = self.schedule()
@@ -125,6 +144,7 @@ class Trainer:
             self._restore(checkpoint, source)
         else:
             torch.manual_seed(options.seed + context.rank)  # dropout differs between ranks
+        self.main_work = main_work_group(context)  # the other ranks wait there while rank 0 scores and saves
         device_ids = [device.index] if device.type == "cuda" else None
         self.network = DistributedDataParallel(self.model, device_ids=device_ids) if context.enabled else self.model
         if (options.resume or options.overwrite) and context.is_main:
@@ -159,6 +179,16 @@ class Trainer:
 
     def _trajectory(self) -> dict:
         return {name: getattr(self.options, name) for name in TRAJECTORY_OPTIONS}
+
+    def _short_captions(self, features: FeatureFile, name: str) -> FeatureFile:
+        """The file without captions over --max_caption_chars, said once; refused if none is left."""
+        limit = self.options.max_caption_chars
+        features, dropped = drop_long_captions(features, limit)
+        if not features.captions:
+            raise InputError(f"{name}: every caption is longer than --max_caption_chars {limit}")
+        if dropped and self.context.is_main:
+            print(f"{name}: dropped {dropped} caption(s) longer than --max_caption_chars {limit}")
+        return features
 
     def _dataset(self, features: FeatureFile) -> CaptionDataset:
         context_length = getattr(self.model.gpt.config, "max_position_embeddings", None)
@@ -268,6 +298,7 @@ class Trainer:
             bar.set_postfix(**shown, samples_per_s=f"{samples_per_s:.1f}")
             periodic = self.options.save_latest_every and self.position["step"] % self.options.save_latest_every == 0
             if periodic and self.position["batch_in_epoch"] < self.steps_per_epoch:  # the epoch's end saves anyway
+                self.check_finite_weights()
                 self.save_latest()
         bar.close()
         self.position.update(epoch=epoch + 1, batch_in_epoch=0)
@@ -283,15 +314,24 @@ class Trainer:
         loss, figures = self.step_loss(batch)
         loss_value = self._mean_over_ranks(loss.detach().float())  # every rank sees the same value
         if not math.isfinite(loss_value):
-            kept = (
-                f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written yet"
-            )
             raise InputError(
                 f"loss is {loss_value} at step {self.position['step'] + 1} (epoch {epoch}); training stopped "
-                f"before updating the weights, {kept}. Try a lower --lr or --precision fp32"
+                f"before updating the weights, {self._last_good()}. Try a lower --lr or --precision fp32"
             )
         apply_gradients(loss, self.trainable, self.optimizer, self.scheduler, self.scaler, self.options.max_grad_norm)
         return {"loss": loss_value, "lr": lr, **figures}
+
+    def _last_good(self) -> str:
+        return f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written yet"
+
+    def check_finite_weights(self) -> None:
+        """Before any save: non-finite weights (an overflowing step) must not replace the last good checkpoint."""
+        if bool(torch.stack([parameter.isfinite().all() for parameter in self.trainable]).all()):
+            return
+        raise InputError(
+            f"the weights are not finite after step {self.position['step']}; training stopped without saving "
+            f"them, {self._last_good()}. Try a lower --lr or --precision fp32"
+        )
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         if self.context.enabled:
@@ -301,6 +341,7 @@ class Trainer:
 
     def end_epoch(self, epoch: int) -> None:
         """Epoch-end work in order: validation loss, caption scores (--eval_every), then checkpoints."""
+        self.check_finite_weights()
         record: dict = {}
         if self.val_set is not None:
             record["val_loss"] = self.validation_loss()
@@ -318,6 +359,8 @@ class Trainer:
         if self.context.is_main and (epoch % self.options.save_every == 0 or last):
             # ClipCap's numbering: epochs count from 0, and the last one is always saved.
             save_checkpoint(self.files.epoch_checkpoint(epoch), self.model, epoch=epoch)
+        # Scoring and saving above can outlast a collective's timeout; the next collective is save_latest's.
+        wait_for_main(self.main_work)
         self.save_latest()
 
     def score_validation(self, epoch: int) -> dict[str, float]:
@@ -371,6 +414,7 @@ class Trainer:
             scaler=self.scaler.state_dict(),
             position=dict(self.position),
             options=self._trajectory(),
+            runtime=self.runtime,
             rng=rng,
         )
         self.last_saved = self.files.latest
@@ -378,8 +422,10 @@ class Trainer:
 
 def run_training(options: TrainingOptions, trainer_class: type[Trainer] = Trainer) -> ClipCaptionModel:
     """Train as `options` say (joining torchrun's process group when launched by it); returns the model."""
+    check_option_values(options)  # before anything is created, the run's lock file included
     context, device = init_distributed(options.device)
     try:
-        return trainer_class(options, context, device).fit()
+        with RunFiles(Path(options.out_dir), options.prefix).locked(context.is_main):
+            return trainer_class(options, context, device).fit()
     finally:
         close_distributed()

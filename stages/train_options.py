@@ -1,5 +1,6 @@
 """train.py's options, and the model config they make together with the feature file."""
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class TrainingOptions:
     resume: str | None
     overwrite: bool
     cache_dir: str | None
+    max_caption_chars: int
     # --scst (stages/scst.py); defaults as train.py's parser
     scst: bool = False
     init_from: str | None = None
@@ -69,6 +71,7 @@ MINIMUMS = {
     "max_grad_norm": 0,
     "eval_every": 0,
     "num_workers": 0,
+    "max_caption_chars": 1,
     "scst_samples": 1,
     "max_length": 1,
 }
@@ -79,10 +82,12 @@ def check_option_values(options: TrainingOptions) -> None:
     """Numeric flags in range (one InputError line), before anything is read, built or deleted."""
     for name, minimum in MINIMUMS.items():
         value = getattr(options, name)
+        if isinstance(value, float) and not math.isfinite(value):  # NaN would pass `value < minimum`
+            raise InputError(f"--{FLAG_NAMES.get(name, name)} {value}: must be a finite number")
         if value < minimum:
             raise InputError(f"--{FLAG_NAMES.get(name, name)} {value}: must be at least {minimum}")
-    if not options.lr > 0:
-        raise InputError(f"--lr {options.lr}: must be positive")
+    if not 0 < options.lr < math.inf:
+        raise InputError(f"--lr {options.lr}: must be positive and finite")
 
 
 def captioner_config(options: TrainingOptions, features: FeatureFile) -> CaptionerConfig:

@@ -1,8 +1,12 @@
 """The files of a training run and the state that lets `--resume` continue it exactly: where the
 run stands, RNG states of every rank, the per-step log, and the checks that a resumed run is the same run."""
 
+import fcntl
 import glob
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +30,7 @@ TRAJECTORY_OPTIONS = (
     "epochs",
     "seed",
     "only_prefix",
-    "precision",
-)
+)  # and the precision used, which `--precision auto` leaves to the device: see check_same_runtime
 # Config fields that decide the architecture (lm_config and encoder are records, not choices).
 ARCHITECTURE_FIELDS = (
     "prefix_length",
@@ -69,6 +72,37 @@ class RunFiles:
     def fixed(self) -> list[Path]:
         """The files whose names do not change with the epoch."""
         return [self.latest, self.best, self.config_json, self.log]
+
+    @property
+    def lock(self) -> Path:
+        return self.out_dir / f"{self.prefix}.lock"
+
+    @contextmanager
+    def locked(self, enabled: bool = True) -> Iterator[None]:
+        """Hold `{prefix}.lock` for the run: a second run with this --out_dir and --prefix would interleave
+        the log and replace the checkpoints. The kernel releases the lock however the process ends."""
+        if not enabled:
+            yield
+            return
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.lock, "a+", encoding="utf-8")  # "a+": never truncates another run's PID
+        except OSError as error:
+            raise InputError(f"--out_dir {self.out_dir}: cannot create {self.lock.name} ({error.strerror})") from None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise InputError(
+                    f"{self.out_dir} is in use by another run with --prefix {self.prefix} (PID {holder}, holding "
+                    f"{self.lock.name}); wait for it to end, or use another --prefix or --out_dir"
+                ) from None
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield  # closing the file releases the lock
 
     def existing(self) -> list[Path]:
         """Files of an earlier run with this prefix."""
@@ -144,6 +178,25 @@ def check_same_run(checkpoint: dict[str, Any], source: Path, config: CaptionerCo
             )
 
 
+def runtime_record(device: torch.device, precision: str) -> dict[str, str]:
+    """What the run resolved `--device` and `--precision` to: a resumed run must compute the same way."""
+    return {"device_type": device.type, "precision": precision}
+
+
+def check_same_runtime(checkpoint: dict[str, Any], source: Path, runtime: dict[str, str]) -> None:
+    """Refuse to resume on another kind of device or precision: the arithmetic and the RNG streams differ
+    (e.g. `--precision auto`: bf16 on a GPU, fp32 on a CPU), so the run cannot reach the same weights."""
+    saved = checkpoint.get("runtime")
+    if saved is None:  # saved before the runtime was recorded: nothing to compare with
+        return
+    if saved != runtime:
+        raise InputError(
+            f"--resume {source}: the saved run computed on {saved['device_type']} in {saved['precision']}, this "
+            f"one would on {runtime['device_type']} in {runtime['precision']}; resume on a {saved['device_type']} "
+            f"device with --precision {saved['precision']}"
+        )
+
+
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     """This process's RNG state: dropout draws from it."""
     state = {"cpu": torch.get_rng_state()}
@@ -173,6 +226,25 @@ def restore_rng_state(states: list[dict[str, torch.Tensor]], device: torch.devic
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def lines_up_to(path: Path, step: int) -> list[str]:
+    """The log's lines up to `step` (the resumed checkpoint's), saying what is dropped: lines past it, and a
+    torn last line (a full disk or a kill mid-write). A bad line before the end is not the log's own."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            records.append((line, int(record["step"])))
+        except (ValueError, TypeError, KeyError):
+            if number < len(lines):
+                raise InputError(f"{path}: line {number} is not a log record; move the log aside to resume") from None
+            print(f"resume: dropped the torn last line of {path}")
+    kept = [line for line, line_step in records if line_step <= step]
+    if len(kept) < len(records):
+        print(f"resume: dropped {len(records) - len(kept)} line(s) of {path} past step {step}, the checkpoint's")
+    return kept
+
+
 class StepLog:
     """The per-step JSON-lines log; only the main process writes. On resume, lines past the resumed
     step (written after the last `_latest.pt`) are dropped, so each step appears once."""
@@ -183,7 +255,7 @@ class StepLog:
             return
         check_output_target(path)  # appending through a link would write into another directory
         if resume_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = lines_up_to(path, resume_step)
             with atomic_write(path, "w") as handle:
                 handle.write("".join(f"{line}\n" for line in kept))
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,12 @@ import train
 from data.errors import InputError
 from data.features import FeatureFile, write_feature_file
 from models.captioner import ClipCaptionModel
-from models.checkpoint import load_checkpoint, load_lm, load_tokenizer
+from models.checkpoint import build_captioner, load_checkpoint, load_lm, load_tokenizer
+from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_features
+from stages.distributed import DistributedContext
 from stages.train import Trainer
+from stages.train_options import TrainingOptions
 from tests.conftest import REPO
 
 CAPTIONS = [
@@ -318,3 +321,20 @@ def test_mixed_precision_trains_on_cuda(tmp_path, tiny_gpt2_dir, precision):
     losses = [record["loss"] for record in read_log(out_dir)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert load_checkpoint(out_dir / "coco_prefix-002.pt").clip_project.model[0].weight.dtype == torch.float32
+
+
+def test_teacher_forced_pass_builds_no_key_value_cache(tiny_gpt2_dir):
+    config = CaptionerConfig(feature_dim=FEATURE_DIM, prefix_length=4, lm_name=str(tiny_gpt2_dir))
+    model = build_captioner(config)
+    outputs = []
+    model.gpt.register_forward_hook(lambda module, args, output: outputs.append(output))
+    tokens = torch.randint(0, 100, (2, 5))
+    model(torch.randn(2, FEATURE_DIM), tokens, torch.ones_like(tokens))
+    assert outputs[0].past_key_values is None  # a cache no teacher-forced step reads would cost time and memory
+
+
+def test_adamw_epsilon_is_clipcaps(tmp_path, tiny_gpt2_dir):
+    data = write_features(tmp_path / "train.pkl", [CAPTIONS[:2]])
+    options = TrainingOptions(**vars(train.parse_args(train_args(data, tmp_path / "run", tiny_gpt2_dir))))
+    trainer = Trainer(options, DistributedContext(), torch.device("cpu"))
+    assert trainer.optimizer.defaults["eps"] == 1e-6
