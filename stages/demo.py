@@ -1,7 +1,8 @@
-"""The demo's pipeline: a synthetic captioned set, tiny models saved to directories, then the four
-stages run as the real scripts (parse_coco_clip.py, train.py, predict.py, evaluate.py), each in its
-own process, exactly as a user would type them; finally the model is compared with the best
-constant caption (the most common training caption given to every test image)."""
+"""The demo's pipeline: a synthetic captioned set, tiny models saved to directories, then the stages
+run as the real scripts (parse_coco_clip.py, train.py, train.py --scst, predict.py, evaluate.py), each
+in its own process, exactly as a user would type them; finally the model is compared with the best
+constant caption (the most common training caption given to every test image), and the SCST model
+with the cross-entropy one it started from."""
 
 import codecs
 import collections
@@ -11,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.annotations import read_annotations
@@ -26,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 PRETRAINED_ENCODER, PRETRAINED_LM = "ViT-B/32", "gpt2"
 # What the demo writes under its output directory: --overwrite removes these and nothing else.
 OUTPUT_NAMES = ("synthetic", "models", "features", "run", "cache", "predictions", "metrics", "sheet_test.jpg")
-RUN_PREFIX = "demo"
+RUN_PREFIX, SCST_PREFIX = "demo", "demo_scst"
+SCST_COMPARISON = [(model, method) for model in ("before", "after") for method in ("greedy", "beam")]
 LEARNING_BAR = 2.0  # the model's test CIDEr must reach this multiple of the constant caption's
 
 
@@ -50,6 +52,9 @@ class DemoOptions:
     clip_hidden_size: int
     lm_hidden_size: int
     lm_layers: int
+    scst_epochs: int
+    scst_bs: int
+    scst_lr: float
     decode: str
     metrics: list[str]
     seed: int
@@ -65,6 +70,14 @@ class DemoResult:
     model_attributes: dict[str, float]  # share of test images whose caption states each attribute right
     constant_attributes: dict[str, float]
     sheet: Path
+    scst_cider: dict[str, float] = field(default_factory=dict)  # "greedy before", ...: test CIDEr around SCST
+
+    @property
+    def scst_helped(self) -> bool | None:
+        """Whether SCST raised the greedy test CIDEr (None when it did not run)."""
+        if not self.scst_cider:
+            return None
+        return self.scst_cider["greedy after"] > self.scst_cider["greedy before"]
 
     @property
     def cider_ratio(self) -> float:
@@ -152,13 +165,24 @@ def stage_commands(options: DemoOptions, paths: dict[str, Path], encoder: str, l
         *("--prefix_length", str(options.prefix_length), "--seed", str(options.seed)),
         *("--cache_dir", str(paths["cache"])),
     ]
+    commands.append(("train", training))
+    final_checkpoint = paths["checkpoint"]
+    if options.scst_epochs > 0:
+        final_checkpoint = paths["scst_checkpoint"]
+        scst = [
+            *("train.py", "--scst", "--init_from", str(paths["checkpoint"])),
+            *("--data", str(features / "train.pkl"), "--val_data", str(features / "val.pkl"), "--eval_every", "1"),
+            *("--out_dir", str(paths["run"]), "--prefix", SCST_PREFIX, "--epochs", str(options.scst_epochs)),
+            *("--bs", str(options.scst_bs), "--lr", str(options.scst_lr), "--seed", str(options.seed)),
+            *("--cache_dir", str(paths["cache"])),
+        ]
+        commands.append(("scst", scst))
     predictions = paths["predictions"]
     commands += [
-        ("train", training),
         (
             "predict",
             [
-                *("predict.py", str(synthetic / "test"), "--checkpoint", str(paths["checkpoint"])),
+                *("predict.py", str(synthetic / "test"), "--checkpoint", str(final_checkpoint)),
                 *("--decode", options.decode, "--output", str(predictions / "test.json")),
                 *("--sheet", str(paths["sheet"])),
             ],
@@ -171,6 +195,14 @@ def stage_commands(options: DemoOptions, paths: dict[str, Path], encoder: str, l
             *("--output", str(paths["metrics"] / predicted), "--metrics", *options.metrics),
         ]
         commands.append((name, evaluation))
+    if options.scst_epochs > 0:
+        for model, method in SCST_COMPARISON:
+            checkpoint = paths["checkpoint"] if model == "before" else paths["scst_checkpoint"]
+            comparison = [
+                *("evaluate.py", "--checkpoint", str(checkpoint), "--features", str(features / "test.pkl")),
+                *("--decode", method, "--metrics", "CIDEr", "--output", str(paths["metrics"] / f"{model}_{method}.json")),
+            ]
+            commands.append((f"evaluate {method}, {model} SCST", comparison))
     return commands
 
 
@@ -222,15 +254,23 @@ def format_comparison(result: DemoResult) -> str:
         f"CIDEr ratio model / constant: {result.cider_ratio:.2f} (the bar is {LEARNING_BAR:g}x): {verdict}\n"
         f"contact sheet of the test images: {result.sheet}"
     )
+    if result.scst_cider:
+        lines.append("\nSCST, test CIDEr of the cross-entropy model (before) and the SCST model (after):")
+        for method in ("greedy", "beam"):
+            before, after = result.scst_cider[f"{method} before"], result.scst_cider[f"{method} after"]
+            lines.append(f"{method:<7} {100 * before:7.2f} -> {100 * after:7.2f}")
+        lines.append(f"SCST {'raised' if result.scst_helped else 'did NOT raise'} the greedy CIDEr")
     return "\n".join(lines)
 
 
 def check_options(options: DemoOptions) -> None:
     """Sizes the pipeline needs, checked before anything is written."""
     flags = {"batch_size": "--bs"}  # the flag's name where it differs from the field's
-    for name in ("num_train", "num_val", "num_test", "epochs", "eval_every", "batch_size"):
+    for name in ("num_train", "num_val", "num_test", "epochs", "eval_every", "batch_size", "scst_bs"):
         if getattr(options, name) < 1:
             raise InputError(f"{flags.get(name, '--' + name)} must be at least 1, got {getattr(options, name)}")
+    if options.scst_epochs < 0:
+        raise InputError(f"--scst_epochs must be at least 0 (0: no SCST stage), got {options.scst_epochs}")
     if "CIDEr" not in options.metrics:
         options.metrics = [*options.metrics, "CIDEr"]  # the learning bar is a CIDEr ratio
 
@@ -244,6 +284,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
     paths |= {"predictions": output_dir / "predictions", "metrics": output_dir / "metrics"}
     paths["sheet"] = output_dir / "sheet_test.jpg"
     paths["checkpoint"] = paths["run"] / f"{RUN_PREFIX}_best.pt"  # with --eval_every: the best validation CIDEr
+    paths["scst_checkpoint"] = paths["run"] / f"{SCST_PREFIX}_best.pt"
 
     print("\n[generate] the synthetic captioned set", flush=True)
     dataset_path = generate_dataset(
@@ -272,4 +313,9 @@ def run_demo(options: DemoOptions) -> DemoResult:
         model_attributes=attribute_accuracy(scenes, read_predictions(paths["predictions"] / "test.json")),
         constant_attributes=attribute_accuracy(scenes, read_predictions(paths["predictions"] / "constant.json")),
         sheet=paths["sheet"],
+        scst_cider={
+            f"{method} {model}": _scores(paths["metrics"] / f"{model}_{method}.json")["CIDEr"]
+            for model, method in SCST_COMPARISON
+            if options.scst_epochs > 0
+        },
     )

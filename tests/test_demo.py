@@ -49,6 +49,10 @@ def test_small_demo_learns_more_than_the_constant_caption(tmp_path, capsys):
     assert result.sheet.is_file() and result.sheet.stat().st_size > 0
     predictions = json.loads((output_dir / "predictions" / "test.json").read_text())
     assert len(predictions) == 100 and len({p["caption"] for p in predictions}) > 1  # not one caption for all
+    # SCST fine-tuned the model for CIDEr: greedy test CIDEr rose; predict.py captioned with the SCST model.
+    assert "$ python train.py --scst --init_from" in printed and "SCST raised the greedy CIDEr" in printed
+    assert result.scst_helped, result.scst_cider
+    assert result.model_scores["CIDEr"] == pytest.approx(result.scst_cider["greedy after"], abs=1e-9)
 
 
 def test_comparison_table_shows_both_and_the_verdict():
@@ -110,12 +114,24 @@ def _options(**changes) -> DemoOptions:
     return DemoOptions(**(values | changes))
 
 
-def test_stage_commands_run_the_four_stages_in_order(tmp_path):
+def test_stage_commands_run_the_stages_in_order(tmp_path):
     paths = {name: tmp_path / name for name in ("synthetic", "features", "run", "cache", "predictions", "metrics")}
     paths |= {"sheet": tmp_path / "sheet.jpg", "checkpoint": tmp_path / "run" / "demo_best.pt"}
-    commands = stage_commands(_options(pretrained=True), paths, "ViT-B/32", "gpt2")
-    scripts = [argv[0] for _, argv in commands]
+    paths["scst_checkpoint"] = tmp_path / "run" / "demo_scst_best.pt"
+    without_scst = stage_commands(_options(pretrained=True, scst_epochs=0), paths, "ViT-B/32", "gpt2")
+    scripts = [argv[0] for _, argv in without_scst]
     assert scripts == ["parse_coco_clip.py"] * 3 + ["train.py", "predict.py", "evaluate.py", "evaluate.py"]
+    assert without_scst[4][1][without_scst[4][1].index("--checkpoint") + 1] == str(paths["checkpoint"])
+    commands = stage_commands(_options(pretrained=True), paths, "ViT-B/32", "gpt2")
+    scst = commands.pop(4)[1]  # after training: SCST from its best checkpoint, then the comparison at the end
+    assert scst[:4] == ["train.py", "--scst", "--init_from", str(paths["checkpoint"])]
+    comparison = commands[7:]
+    assert [argv[argv.index("--checkpoint") + 1] for _, argv in comparison] == [str(paths["checkpoint"])] * 2 + [
+        str(paths["scst_checkpoint"])
+    ] * 2
+    assert [argv[argv.index("--decode") + 1] for _, argv in comparison] == ["greedy", "beam"] * 2
+    commands = commands[:7]
+    assert commands[4][1][commands[4][1].index("--checkpoint") + 1] == str(paths["scst_checkpoint"])
     extraction = [dict(zip(argv[1::2], argv[2::2])) for _, argv in commands[:3]]
     assert [flags["--split"] for flags in extraction] == ["train", "val", "test"]
     assert all(flags["--clip_model_type"] == "ViT-B/32" for flags in extraction)
@@ -123,7 +139,7 @@ def test_stage_commands_run_the_four_stages_in_order(tmp_path):
     assert training[training.index("--gpt2") + 1] == "gpt2" and "--val_data" in training and "--eval_every" in training
     prediction = commands[4][1]
     assert prediction[1] == str(paths["synthetic"] / "test") and "--sheet" in prediction
-    assert [argv[argv.index("--predictions") + 1] for _, argv in commands[5:]] == [
+    assert [argv[argv.index("--predictions") + 1] for _, argv in commands[5:7]] == [
         str(paths["predictions"] / "test.json"),
         str(paths["predictions"] / "constant.json"),
     ]
