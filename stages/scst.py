@@ -79,14 +79,13 @@ class RewardScorer:
         clip_features: str | None = None,
         clip_weight: float = 1.0,
         device: torch.device | str = "cpu",
-        progress: bool = False,
     ):
         self.reward, self.clip_weight = reward, clip_weight
         self.cider = self.clip = None
         if "cider" in reward:
             references = references_from_features(train_file)
             normalized = {image_id: [normalize_caption(c) for c in captions] for image_id, captions in references.items()}
-            self.cider = CiderD(normalized, progress=progress)
+            self.cider = CiderD(normalized)
         if "clip" in reward:
             if not clip_model:
                 raise InputError(f"--reward {reward} needs --clip_model (a CLIP name, id or directory with both towers)")
@@ -249,7 +248,6 @@ class ScstTrainer(Trainer):
             clip_features=self.options.clip_features,
             clip_weight=self.options.clip_weight,
             device=self.device,
-            progress=self.context.is_main,
         )
         return images, collate_images
 
