@@ -110,7 +110,7 @@ class CiderD:
         clipped = np.minimum(weights[gram], reference_weight) * reference_weight
         rows = first_row[grams.owner[gram]] + self.entry_local_ref[entry]
         similarity = np.bincount(rows * self.max_n + self.entry_order[entry], clipped, len(ref_of_row) * self.max_n)
-        similarity = similarity.reshape(-1, self.max_n)  # (rows, max_n)
+        similarity = similarity.astype(np.float64).reshape(-1, self.max_n)  # (rows, max_n); bincount of nothing is int
         denominator = norms[caption_of_row] * self.ref_norms[ref_of_row]
         similarity = np.divide(similarity, denominator, out=similarity, where=denominator != 0)
         delta = grams.lengths[caption_of_row] - self.ref_lengths[ref_of_row]

@@ -128,3 +128,8 @@ def test_clip_s_by_hand(tmp_path):
 def test_a_clip_model_without_a_text_tower_is_one_line(tiny_clip_dir):
     with pytest.raises(InputError, match="needs a whole CLIP model with a text tower"):
         ClipScorer(str(tiny_clip_dir))
+
+
+def test_cider_d_of_captions_sharing_no_ngram_is_zero():
+    scorer = CiderD({1: ["a red dog"], 2: ["two men"]})
+    assert scorer.scores([1, 2, 1], ["blue cat", "", "green"]) == [0.0, 0.0, 0.0]
