@@ -14,6 +14,7 @@ the embeddings it memory-maps). The checksums in meta.json give the store's data
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -315,7 +316,12 @@ def read_store(directory: str | os.PathLike, verify_checksums: bool = False) -> 
         start += shard["rows"]
     if start == 0 or not sum(table.num_rows for table in tables):
         _refuse(directory, "it holds no images or no captions")
+    # A shard with no captions (every sample of its source skipped) has no image id type of its own.
+    id_types = {table.schema.field("image_id").type for table in tables if table.num_rows}
+    tables = [table for table in tables if table.num_rows]
     try:
+        if len(id_types) > 1:
+            raise pa.ArrowInvalid("image id types differ")
         captions = pa.concat_tables(tables)
     except pa.ArrowInvalid:
         _refuse(directory, "its shards' image ids differ in type (numbers in some, text in others)")
@@ -356,13 +362,29 @@ def read_features(path: str | os.PathLike) -> FeatureFile:
 
 
 
-def check_store_target(path: str | os.PathLike) -> None:
-    """A store is written only into a new or empty directory: its shards must not mix with other files."""
+# The names a store (and an extraction filling one) writes; nothing else is ever deleted from its directory.
+_STORE_FILE = re.compile(r"meta\.json|extraction\.json|shard-\d{5,}\.(npy|parquet|json)|\..+\.tmp")
+
+
+def check_store_output(path: str | os.PathLike) -> None:
+    """A store goes into a new or empty directory, or replaces an earlier store (or its unfinished
+    extraction); a directory holding other files is refused, so replacing cannot delete them."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise InputError(f"{path}: exists and is not a directory; a store is written into a new or empty directory")
-    if path.is_dir() and any(path.iterdir()):
-        raise InputError(f"{path}: directory is not empty; a store is written into a new or empty directory")
+        raise InputError(f"{path}: exists and is not a directory; a store is written into a directory")
+    others = sorted(entry.name for entry in path.iterdir() if not _STORE_FILE.fullmatch(entry.name)) if path.is_dir() else []
+    if others:
+        raise InputError(f"{path}: holds files that are not a feature store's ({others[0]}, ...); give a new directory")
+
+
+def clear_store(path: str | os.PathLike) -> None:
+    """Delete an earlier store's files (meta.json first, so it is never whole meanwhile); creates the directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / META_FILE).unlink(missing_ok=True)
+    for entry in path.iterdir():
+        if _STORE_FILE.fullmatch(entry.name):
+            entry.unlink()
 
 
 def convert_features(
@@ -378,6 +400,7 @@ def convert_features(
         embeddings = torch.from_numpy(features.embeddings.numpy())
         write_feature_file(target, FeatureFile(embeddings, list(features.captions), features.meta))
         return "store -> pickle"
-    check_store_target(target)
+    check_store_output(target)
+    clear_store(target)
     write_store(target, read_feature_file(source), feature_dtype, rows_per_shard)
     return f"pickle -> store ({feature_dtype})"

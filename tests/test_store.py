@@ -156,8 +156,12 @@ def test_converter_checks_every_byte_and_refuses_what_it_cannot_write(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(InputError, match="shard-00001.npy: its content does not match"):
         convert_features.main(convert_features.parse_args([str(store), str(tmp_path / "out.pkl")]))
-    with pytest.raises(InputError, match="not empty"):
-        convert_features.main(convert_features.parse_args([str(tmp_path / "features.pkl"), str(store)]))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(InputError, match="holds files that are not a feature store's"):
+        convert_features.main(convert_features.parse_args([str(tmp_path / "features.pkl"), str(tmp_path / "notes")]))
+    convert_features.main(convert_features.parse_args([str(tmp_path / "features.pkl"), str(store)]))  # replaced
+    assert torch.equal(read_features(store).embeddings[:], features.embeddings)
     mixed = FeatureFile(features.embeddings[:2], [
         {"image_id": 1, "caption": "a", "clip_embedding": 0}, {"image_id": "b", "caption": "b", "clip_embedding": 1}
     ])  # fmt: skip
