@@ -19,7 +19,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_argument_group("what to score")
     source.add_argument("--checkpoint", help="a checkpoint written by train.py; captions the images of --features")
     source.add_argument(
-        "--features", help="feature file to caption (with --checkpoint); its captions are the references"
+        "--features", help="feature file or store directory to caption (with --checkpoint); its captions are the references"
     )
     source.add_argument("--predictions", help='COCO results file [{"image_id", "caption"}] to score')
     source.add_argument(

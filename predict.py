@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR_OR_GLOB", help="image files, directories, globs")
     parser.add_argument("--checkpoint", help="a checkpoint written by train.py (its config names the encoder)")
-    parser.add_argument("--features", help="caption this feature file (one caption per image row) instead of images")
+    parser.add_argument("--features", help="caption this feature file or store directory (one caption per image row) instead of images")
     parser.add_argument("--output", help="write COCO results [{image_id, caption}] (the best caption) to this JSON")
     parser.add_argument("--sheet", help="draw the images with their captions into this picture (e.g. sheet.png)")
     parser.add_argument(

@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     clipcap.add_argument(
         "--data",
         required=True,
-        help="training feature file (from parse_coco_clip.py / parse_coco_dino.py, or ClipCap's .pkl)",
+        help="training features (from parse_coco_clip.py / parse_coco_dino.py): a .pkl (ClipCap's too) or a store directory",
     )
     clipcap.add_argument(
         "--out_dir", default="./checkpoints", help="directory for checkpoints, config JSON and the loss log"
@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)"
     )
     ours.add_argument(
-        "--val_data", default=None, help="validation feature file: loss per caption token after each epoch"
+        "--val_data", default=None, help="validation features (.pkl or store directory): loss per caption token after each epoch"
     )
     ours.add_argument(
         "--eval_every",

@@ -3,20 +3,24 @@ padded per batch by `collate_captions`. Nothing here changes the dataset after i
 
 import hashlib
 import os
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from data.atomic import torch_save_atomic
+from data.atomic import atomic_write
 from data.errors import InputError
 from data.features import FEATURES_KEY, FeatureFile
+from data.store import CaptionTable
 
 CACHE_ENV = "CLIPCAP_PLUS_CACHE_DIR"
-CACHE_FORMAT = 1  # bump when the cached layout changes
+CACHE_FORMAT = 2  # bump when the cached layout changes
 
 
 def default_cache_dir() -> Path:
@@ -33,13 +37,28 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return digest.hexdigest()[:16]
 
 
-def captions_fingerprint(captions: list[dict]) -> str:
-    """A hash of the caption texts in order: the only part of a feature file that tokens depend on."""
+def captions_fingerprint(captions: Sequence[dict]) -> str:
+    """A hash of the caption texts in order: the only part of a feature file that tokens depend on.
+    A store's captions carry theirs (from its shards' checksums), so their texts are not read for it."""
+    if isinstance(captions, CaptionTable):
+        return captions.key
     digest = hashlib.sha256()
     for caption in captions:
         digest.update(caption["caption"].encode())
         digest.update(b"\0")  # separator, so ["ab", "c"] and ["a", "bc"] differ
     return digest.hexdigest()[:16]
+
+
+def caption_texts(captions: Sequence[dict]) -> list[str]:
+    """The caption texts, in order."""
+    return captions.text_list() if isinstance(captions, CaptionTable) else [caption["caption"] for caption in captions]
+
+
+def caption_rows(captions: Sequence[dict]) -> torch.Tensor:
+    """Each caption's feature row, (num_captions,) int64."""
+    if isinstance(captions, CaptionTable):
+        return torch.from_numpy(captions.rows)
+    return torch.tensor([caption[FEATURES_KEY] for caption in captions], dtype=torch.int64)
 
 
 @dataclass
@@ -71,8 +90,13 @@ def drop_long_captions(features: FeatureFile, max_chars: int) -> tuple[FeatureFi
     """The feature file without its captions longer than `max_chars` characters, and how many those were.
     Tokenizing a pathological caption (a pickle can reference one long string thousands of times) costs
     gigabytes; no real caption is that long."""
-    kept = [caption for caption in features.captions if len(caption["caption"]) <= max_chars]
-    return replace(features, captions=kept), len(features.captions) - len(kept)
+    captions = features.captions
+    if isinstance(captions, CaptionTable):  # column-wise: a store's captions never become dicts
+        mask = captions.char_lengths() <= max_chars
+        kept = captions if mask.all() else captions.select(mask, f"max_chars={max_chars}")
+    else:
+        kept = [caption for caption in captions if len(caption["caption"]) <= max_chars]
+    return replace(features, captions=kept), len(captions) - len(kept)
 
 
 def check_captions_have_tokens(tokenized: "TokenizedCaptions", tokenizer: PreTrainedTokenizerBase) -> None:
@@ -86,10 +110,10 @@ def check_captions_have_tokens(tokenized: "TokenizedCaptions", tokenizer: PreTra
 
 
 def tokenize_captions(
-    captions: list[dict], tokenizer: PreTrainedTokenizerBase, progress: bool = False
+    captions: Sequence[dict], tokenizer: PreTrainedTokenizerBase, progress: bool = False
 ) -> TokenizedCaptions:
     """Tokenize every caption text and append EOS."""
-    texts = [caption["caption"] for caption in captions]
+    texts = caption_texts(captions)
     chunk = 10_000  # the fast tokenizer batches internally; chunks keep the progress bar moving
     sequences: list[list[int]] = []
     for start in tqdm(range(0, len(texts), chunk), desc="tokenizing captions", disable=not progress):
@@ -100,30 +124,44 @@ def tokenize_captions(
     return TokenizedCaptions(torch.tensor(flat, dtype=torch.int32), offsets)
 
 
+def _read_cached_tokens(path: Path, num_captions: int, key: str) -> TokenizedCaptions | None:
+    """The cached arrays memory-mapped (pages load as items are read), or None if missing or damaged."""
+    try:
+        tokens = np.load(Path(f"{path}.tokens.npy"), mmap_mode="r", allow_pickle=False)
+        offsets = np.load(Path(f"{path}.offsets.npy"), mmap_mode="r", allow_pickle=False)
+        if tokens.dtype != np.int32 or offsets.dtype != np.int64 or tokens.ndim != 1 or len(tokens) == 0:
+            return None
+        with warnings.catch_warnings():  # torch warns of read-only arrays; nothing writes to these
+            warnings.simplefilter("ignore", UserWarning)
+            tokenized = TokenizedCaptions(torch.from_numpy(tokens), torch.from_numpy(offsets), key)
+        # The offsets are checked whole (8 bytes a caption); the tokens only at their ends.
+        return tokenized if tokenized.is_consistent(num_captions) else None
+    except (OSError, ValueError):  # a damaged cache file is rebuilt, never trusted and never fatal
+        return None
+
+
 def load_or_tokenize(
-    captions: list[dict],
+    captions: Sequence[dict],
     tokenizer: PreTrainedTokenizerBase,
     cache_dir: str | os.PathLike | None = None,
     write_cache: bool = True,
     progress: bool = False,
 ) -> TokenizedCaptions:
-    """Tokenized captions from the cache (keyed by tokenizer and caption texts), else tokenize and cache."""
+    """Tokenized captions from the cache (keyed by tokenizer and caption texts), else tokenize and cache.
+    The cache is two flat .npy arrays (tokens, offsets), memory-mapped when read."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = f"tokens-v{CACHE_FORMAT}-{tokenizer_fingerprint(tokenizer)}-{captions_fingerprint(captions)}"
-    path = cache_dir / f"{key}.pt"
-    if path.is_file():
-        try:
-            cached = torch.load(path, weights_only=True)
-            tokenized = TokenizedCaptions(cached["tokens"], cached["offsets"], key)
-            if tokenized.is_consistent(len(captions)):
-                return tokenized  # checked by check_captions_have_tokens before it was cached
-        except Exception:  # a damaged cache file is rebuilt, never trusted and never fatal
-            pass
+    path = cache_dir / key
+    cached = _read_cached_tokens(path, len(captions), key)
+    if cached is not None:
+        return cached  # checked by check_captions_have_tokens before it was cached
     tokenized = tokenize_captions(captions, tokenizer, progress)
     check_captions_have_tokens(tokenized, tokenizer)
     tokenized.key = key
-    if write_cache:
-        torch_save_atomic({"tokens": tokenized.tokens, "offsets": tokenized.offsets}, path)
+    if write_cache:  # each file atomically; both must be there and agree to be used
+        for suffix, array in ((".tokens.npy", tokenized.tokens), (".offsets.npy", tokenized.offsets)):
+            with atomic_write(Path(f"{path}{suffix}")) as handle:
+                np.save(handle, array.numpy(), allow_pickle=False)
     return tokenized
 
 
@@ -154,7 +192,7 @@ class CaptionDataset(Dataset):
         if len(tokenized) != len(features.captions):
             raise ValueError(f"{len(tokenized)} tokenized captions for {len(features.captions)} captions")
         self.embeddings = features.embeddings  # (N, D), shared, never modified
-        self.rows = torch.tensor([caption[FEATURES_KEY] for caption in features.captions], dtype=torch.int64)
+        self.rows = caption_rows(features.captions)  # (num_captions,) int64
         self.tokenized = tokenized
         self.max_tokens = max_tokens  # the LM's context minus the prefix; longer captions are cut
 

@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,10 @@ FEATURES_KEY = "clip_embedding"  # ClipCap's name, kept for DINOv2 features too
 class FeatureFile:
     """The contents of a feature file, checked."""
 
-    embeddings: torch.Tensor  # (N, D) float32, one row per image
-    captions: list[dict]  # each with "image_id", "caption" and "clip_embedding" (its row)
+    # (N, D) float32, one row per image: a tensor, or a store's memory-mapped rows (data.store.ShardedEmbeddings)
+    embeddings: Any
+    # each with "image_id", "caption" and "clip_embedding" (its row): a list, or a store's data.store.CaptionTable
+    captions: Sequence[dict]
     meta: dict = field(default_factory=dict)
 
     @property
@@ -40,6 +43,8 @@ class FeatureFile:
 
     def embeddings_digest(self) -> str:
         """A short hash of the feature values, to tell two files with the same captions apart."""
+        if hasattr(self.embeddings, "digest"):  # a store: from its shards' checksums, never by reading them
+            return self.embeddings.digest
         return hashlib.sha256(self.embeddings.contiguous().numpy().tobytes()).hexdigest()[:16]
 
     def image_rows(self) -> dict[Any, int]:

@@ -1,5 +1,6 @@
 """Image files to RGB pixels: decoding that survives bad files, in DataLoader workers."""
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -62,23 +63,34 @@ def load_rgb(path: str | os.PathLike, resize_dim: int | None = None) -> Image.Im
         raise ImageReadError(path, "missing file")
     if path.stat().st_size == 0:
         raise ImageReadError(path, "empty file")
+    return _decode(path, path, resize_dim)
+
+
+def decode_rgb(data: bytes, name: str, resize_dim: int | None = None) -> Image.Image:
+    """load_rgb for an image's bytes (a webdataset sample's member): the same checks and conversion."""
+    if not data:
+        raise ImageReadError(name, "empty file")
+    return _decode(io.BytesIO(data), name, resize_dim)
+
+
+def _decode(source: Path | io.BytesIO, name: str | os.PathLike, resize_dim: int | None) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             if resize_dim is not None:
                 width, height = resized_size(*image.size, resize_dim)
                 if width * height > MAX_RESIZED_PIXELS:
                     raise ImageReadError(
-                        path,
+                        name,
                         f"too large once resized ({width}x{height}, over {MAX_RESIZED_PIXELS // 10**6} megapixels)",
                     )
             image.load()  # decode now: a truncated file fails here, not later in a transform
             return _to_rgb(image)
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not an image") from None
+        raise ImageReadError(name, "not an image") from None
     except Image.DecompressionBombError as error:
-        raise ImageReadError(path, f"too large ({error})") from None
+        raise ImageReadError(name, f"too large ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:  # PIL reports corrupt data with these
-        raise ImageReadError(path, f"cannot decode ({error})") from None
+        raise ImageReadError(name, f"cannot decode ({error})") from None
 
 
 class ImageDataset(Dataset):

@@ -10,7 +10,8 @@ from typing import Any
 
 from data.annotations import read_annotations
 from data.errors import InputError, read_json_input
-from data.features import FeatureFile, read_feature_file
+from data.features import FeatureFile
+from data.store import is_store, read_features
 
 ImageId = Any  # an int for COCO images, else whatever id the annotation file gives (a string)
 PICKLE_SUFFIXES = (".pkl", ".pickle")
@@ -68,10 +69,10 @@ def load_references(path: str | os.PathLike, split: str | None = None) -> dict[I
     """{image_id: reference captions} from a COCO captions file, a Karpathy json (needs `split`),
     a ClipCap caption list or a feature file; empty reference captions are refused."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not is_store(path):
         raise InputError(f"{path}: no such references file")
-    if _is_pickle(path):
-        feature_file = read_feature_file(path)
+    if is_store(path) or _is_pickle(path):
+        feature_file = read_features(path)
         file_split = feature_file.meta.get("split")
         if split is not None and file_split is not None and split != file_split:
             raise InputError(f"{path}: --split {split} given, but this feature file holds split {file_split!r}")

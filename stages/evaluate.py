@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from data.atomic import check_outputs, write_json_atomic
 from data.errors import InputError
-from data.features import FeatureFile, read_feature_file
+from data.features import FeatureFile
 from data.references import (
     ImageId,
     check_matching_ids,
@@ -31,6 +31,7 @@ from data.references import (
     read_predictions,
     references_from_features,
 )
+from data.store import read_features
 from models.captioner import ClipCaptionModel
 from models.checkpoint import load_checkpoint, load_tokenizer
 from models.decoding import DecodingOptions, decoding_options_from_args
@@ -280,7 +281,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         options = decoding_options_from_args(args)
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
-        feature_file = read_feature_file(args.features)
+        feature_file = read_features(args.features)
         predicted_ids, predictions_name = feature_file.image_rows(), f"the images of {args.features}"
     else:
         predictions = read_predictions(args.predictions)

@@ -22,16 +22,19 @@ from tqdm import tqdm
 from data.annotations import ImageRecord, inside_images_dir, read_annotations
 from data.atomic import check_outputs, remove_stale_temporaries, write_json_atomic
 from data.errors import InputError
-from data.features import FEATURES_KEY, FeatureFile, nonfinite_rows, write_feature_file
+from data.features import FEATURES_KEY, FeatureFile, write_feature_file
 from data.images import IMAGE_CONVERSION, ImageDataset, collate_images
-from models.device import autocast, resolve_precision
+from data.store import check_store_output, clear_store, write_store
+from data.webdataset_input import expand_shard_urls
+from models.device import resolve_precision
 from models.encoders import ImageEncoder, Preprocess, load_encoder
 from stages.distributed import DistributedContext, close_distributed, init_distributed
+from stages.encode import NONFINITE_REASON, encode_pixels
 from stages.extract_resume import Chunk, PartialStore, fingerprint
+from stages.extract_webdataset import WebdatasetResult, add_scale_arguments, extract_webdataset, webdataset_meta
 
 MAX_SKIPPED_SHOWN = 20  # the rest is in the *.skipped.json report
 OUTSIDE_REASON = "outside the images directory"  # whether or not the file exists: the report reveals nothing
-NONFINITE_REASON = "the encoder gave NaN or infinite features"
 
 
 @dataclass
@@ -71,10 +74,8 @@ def iter_encoded_batches(
             if pixels is None:
                 features = torch.empty(0, feature_dim)
             else:
-                with autocast(device, precision):
-                    features = encoder(pixels.to(device, non_blocking=True))  # (b, D)
-                features = features.float().cpu()
-                bad = set(nonfinite_rows(features))
+                features, bad_rows = encode_pixels(encoder, pixels, device, precision)  # (b, D)
+                bad = set(bad_rows)
                 if bad:  # an image the encoder cannot represent fails alone, not its batch or the file
                     failures = failures + [(indices[row], NONFINITE_REASON) for row in sorted(bad)]
                     keep = [row for row in range(len(indices)) if row not in bad]
@@ -132,6 +133,8 @@ def extract_features(
     resume: bool = False,
     checkpoint_every: int = 2000,
     allow_outside_images_dir: bool = False,
+    output_format: str = "pickle",
+    feature_dtype: str = "fp32",
 ) -> ExtractionResult | None:
     """Encode every record's image into `output_file` (rank 0 writes; other ranks return None).
 
@@ -201,11 +204,17 @@ def extract_features(
         "captions_file": str(captions_file),
         "images_dir": str(images_dir),
     }
-    return _merge(records, paths, store, output_file, meta)
+    return _merge(records, paths, store, output_file, meta, output_format, feature_dtype)
 
 
 def _merge(
-    records: list[ImageRecord], paths: list[Path], store: PartialStore, output_file: str | os.PathLike, meta: dict
+    records: list[ImageRecord],
+    paths: list[Path],
+    store: PartialStore,
+    output_file: str | os.PathLike,
+    meta: dict,
+    output_format: str,
+    feature_dtype: str,
 ) -> ExtractionResult:
     """Rank 0: the store's results become the feature file and the skipped-images report."""
     encoded, failed = store.load()
@@ -222,13 +231,17 @@ def _merge(
     if features is None:
         store.remove()
         raise InputError(f"no image could be encoded ({len(skipped)} skipped, listed in {report})")
-    write_feature_file(output_file, features)
+    if output_format == "shards":
+        clear_store(output_file)
+        write_store(output_file, features, feature_dtype)
+    else:
+        write_feature_file(output_file, features)
     store.remove()
     return ExtractionResult(features, skipped, report)
 
 
 def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of both extraction scripts (ClipCap's names)."""
+    """The flags of both extraction scripts (ClipCap's names, then the webdataset input and the store)."""
     parser.add_argument(
         "--coco_images_dir",
         default="./data/coco",
@@ -280,16 +293,22 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
         default=2000,
         help="save partial results every N images, for --resume (default: %(default)s)",
     )
+    add_scale_arguments(parser)
 
 
-def default_output_file(model_name: str, split: str | None, suffix: str = "") -> Path:
-    """ClipCap's naming: ./data/coco/oscar_split_ViT-B_32_train.pkl."""
+def default_output_file(model_name: str, split: str | None, suffix: str = "", extension: str = ".pkl") -> Path:
+    """ClipCap's naming: ./data/coco/oscar_split_ViT-B_32_train.pkl (a store: no extension)."""
     name = Path(model_name).name if os.path.isdir(model_name) else model_name.replace("/", "_")
-    return Path("./data/coco") / f"oscar_split_{name}{suffix}_{split or 'train'}.pkl"
+    return Path("./data/coco") / f"oscar_split_{name}{suffix}_{split or 'train'}{extension}"
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    if not Path(args.coco_images_dir).is_dir():
+    if args.input_format == "webdataset":
+        if not args.input:
+            raise InputError("--input_format webdataset needs --input (the shards' paths or URLs)")
+        if args.output_format != "shards":
+            raise InputError("--input_format webdataset writes a feature store: give --output_format shards")
+    elif not Path(args.coco_images_dir).is_dir():
         raise InputError(f"--coco_images_dir {args.coco_images_dir}: no such directory")
     for flag in ("batch_size", "checkpoint_every"):
         if getattr(args, flag) < 1:
@@ -313,6 +332,15 @@ def print_summary(result: ExtractionResult, output_file: Path) -> None:
         print(f"skipped images are listed in {result.skipped_file}")
 
 
+def print_webdataset_summary(result: WebdatasetResult, output_dir: Path) -> None:
+    """Rows, skipped samples by shard (one line each), and where the full list is."""
+    print(f"wrote {output_dir}: {result.num_images} images x {result.feature_dim} features; {len(result.skipped)} samples skipped")
+    for note in result.shard_notes[:MAX_SKIPPED_SHOWN]:
+        print(f"  {note}")
+    if result.skipped:
+        print(f"skipped samples are listed in {result.skipped_file}")
+
+
 def run_extraction(
     args: argparse.Namespace,
     model_name: str,
@@ -322,26 +350,59 @@ def run_extraction(
     resize_dim: int | None = None,
     crop_dim: int | None = None,
     output_suffix: str = "",
-) -> ExtractionResult | None:
-    """Read annotations, load the encoder, encode (under torchrun: this process's share), and report.
-    `output_suffix` goes into the default output name (e.g. the DINOv2 feature type)."""
+) -> ExtractionResult | WebdatasetResult | None:
+    """Read annotations (or list the shards), load the encoder, encode (under torchrun: this process's
+    share), and report. `output_suffix` goes into the default output name (e.g. the DINOv2 feature type)."""
     _check_arguments(args)
-    output_file = Path(args.output_file or default_output_file(model_name, args.split, output_suffix))
-    check_outputs(
-        {"--output_file": output_file, "its skipped-images report": skipped_path(output_file)},
-        {"--captions_file": args.captions_file},
-    )
+    shards = args.output_format == "shards"
+    default = default_output_file(model_name, args.split, output_suffix, "" if shards else ".pkl")
+    output_file = Path(args.output_file or default)
+    if shards:
+        check_store_output(output_file)
+    inputs = {"--captions_file": args.captions_file if args.input_format == "folder" else None}
+    outputs = {"its skipped-images report": skipped_path(output_file)}
+    check_outputs(outputs if shards else {"--output_file": output_file, **outputs}, inputs)
     context, device = init_distributed(args.device)
     try:
         precision = resolve_precision(args.precision, device)
-        records = read_annotations(args.captions_file, args.split, args.coco_images_dir)
+        if args.input_format == "webdataset":
+            urls = expand_shard_urls(args.input)
+        else:
+            records = read_annotations(args.captions_file, args.split, args.coco_images_dir)
         encoder, preprocess = load_encoder(
             model_name, family=family, feature_type=feature_type, resize_dim=resize_dim, crop_dim=crop_dim
         )
         if context.is_main:
             config = {**vars(args), "output_file": str(output_file), "device": str(device), "precision": precision}
-            config.update(world_size=context.world_size, images=len(records), encoder=encoder.spec.to_dict())
+            count = {"shards": len(urls)} if args.input_format == "webdataset" else {"images": len(records)}
+            config.update(world_size=context.world_size, **count, encoder=encoder.spec.to_dict())
             print("config:", *(f"  {key}: {value}" for key, value in config.items()), sep="\n")
+        common = dict(
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=device,
+            precision=precision,
+            context=context,
+            resume=args.resume,
+        )
+        if args.input_format == "webdataset":
+            spec = encoder.spec.to_dict()
+            meta = webdataset_meta(spec, precision, args.input, args.wds_image_key, args.wds_caption_key)
+            result = extract_webdataset(
+                urls,
+                encoder,
+                preprocess,
+                output_file,
+                image_key=args.wds_image_key,
+                caption_key=args.wds_caption_key,
+                feature_dtype=args.feature_dtype,
+                skipped_file=skipped_path(output_file),
+                meta=meta,
+                **common,
+            )
+            if result is not None:
+                print_webdataset_summary(result, output_file)
+            return result
         result = extract_features(
             records,
             args.coco_images_dir,
@@ -350,14 +411,11 @@ def run_extraction(
             output_file,
             captions_file=args.captions_file,
             split=args.split,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            device=device,
-            precision=precision,
-            context=context,
-            resume=args.resume,
             checkpoint_every=args.checkpoint_every,
             allow_outside_images_dir=args.allow_outside_images_dir,
+            output_format=args.output_format,
+            feature_dtype=args.feature_dtype,
+            **common,
         )
         if result is not None:
             print_summary(result, output_file)

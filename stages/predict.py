@@ -15,9 +15,10 @@ from transformers import PreTrainedTokenizerBase
 from data.annotations import image_id_from_path
 from data.atomic import check_outputs
 from data.errors import InputError
-from data.features import FeatureFile, check_same_encoder, read_feature_file
+from data.features import FeatureFile, check_same_encoder
 from data.predictions import expand_image_inputs, write_coco_results
 from data.sheet import draw_contact_sheet, sheet_format
+from data.store import read_features
 from models.captioner import ClipCaptionModel
 from models.checkpoint import load_checkpoint, load_clipcap_weights, load_tokenizer
 from models.config import CaptionerConfig
@@ -174,7 +175,7 @@ def predict_features(
     args: argparse.Namespace, options: DecodingOptions, device: torch.device, precision: str
 ) -> list[tuple[object, list[str]]]:
     """Caption every image row of a feature file, printing `image_id<TAB>caption` lines."""
-    feature_file = read_feature_file(args.features)
+    feature_file = read_features(args.features)
     if args.weights:
         model = load_clipcap_weights(args.weights, _clipcap_settings(args, feature_file.feature_dim))
     else:

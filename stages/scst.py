@@ -15,8 +15,9 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, get_constant_schedule_with_warmup
 
 from data.errors import InputError
-from data.features import FeatureFile, read_feature_file
+from data.features import FeatureFile
 from data.references import ImageId, references_from_features
+from data.store import read_features
 from models.captioner import ClipCaptionModel
 from models.checkpoint import load_checkpoint
 from models.clip_score import ClipScorer
@@ -117,7 +118,7 @@ def clip_image_embeddings(
                 f"a parse_coco_clip.py --clip_model_type {clip_name} file over the same images"
             )
     else:
-        source, source_name = read_feature_file(clip_features), clip_features
+        source, source_name = read_features(clip_features), clip_features
         if not _holds_image_embeds_of(source, clip_name):
             encoder = source.meta.get("encoder", {}) or {}
             raise InputError(

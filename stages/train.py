@@ -17,7 +17,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from data.captions import CaptionBatch, CaptionCollator, CaptionDataset, build_caption_dataset, drop_long_captions
 from data.errors import InputError
-from data.features import FeatureFile, check_same_encoder, read_feature_file
+from data.features import FeatureFile, check_same_encoder
+from data.store import read_features
 from models.captioner import ClipCaptionModel
 from models.checkpoint import build_captioner, load_state_into, load_tokenizer, save_checkpoint, save_config_json
 from models.config import CaptionerConfig
@@ -106,7 +107,7 @@ class Trainer:
             from stages.evaluate import require_java
 
             require_java()  # now, not after the first epoch's work
-        train_file = self._short_captions(read_feature_file(options.data), f"--data {options.data}")
+        train_file = self._short_captions(read_features(options.data), f"--data {options.data}")
         self.config = self.model_config(train_file)
         if checkpoint is not None:  # before anything slow: a wrong file or flag fails at once
             check_same_run(checkpoint, source, self.config, self._trajectory())
@@ -117,7 +118,7 @@ class Trainer:
         self.collate = CaptionCollator(self.tokenizer.pad_token_id)
         self.train_set, self.train_collate = self.training_data(train_file)
         self.val_file = (
-            self._short_captions(read_feature_file(options.val_data), f"--val_data {options.val_data}")
+            self._short_captions(read_features(options.val_data), f"--val_data {options.val_data}")
             if options.val_data
             else None
         )

@@ -46,7 +46,8 @@ def test_tokens_end_with_eos_and_match_the_tokenizer(tokenizer, tmp_path):
 def test_cache_is_reused_and_keyed_by_tokenizer_and_captions(tokenizer, tmp_path, monkeypatch):
     captions = feature_file().captions
     first = load_or_tokenize(captions, tokenizer, tmp_path)
-    assert [path.name for path in tmp_path.iterdir()] == [f"{first.key}.pt"]
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == [f"{first.key}.offsets.npy", f"{first.key}.tokens.npy"]
 
     def refuse(*args, **kwargs):
         raise AssertionError("tokenized again despite the cache")
@@ -62,13 +63,13 @@ def test_cache_is_reused_and_keyed_by_tokenizer_and_captions(tokenizer, tmp_path
     keys = {first.key, load_or_tokenize(edited, tokenizer, tmp_path).key}
     keys.add(load_or_tokenize(captions, other_tokenizer, tmp_path).key)
     assert len(keys) == 3
-    assert len(list(tmp_path.iterdir())) == 3
+    assert len(list(tmp_path.iterdir())) == 6  # tokens and offsets of each
 
 
 def test_damaged_cache_is_rebuilt(tokenizer, tmp_path):
     captions = feature_file().captions
     first = load_or_tokenize(captions, tokenizer, tmp_path)
-    (tmp_path / f"{first.key}.pt").write_bytes(b"not a torch file")
+    (tmp_path / f"{first.key}.tokens.npy").write_bytes(b"not an array")
     again = load_or_tokenize(captions, tokenizer, tmp_path)
     assert torch.equal(again.tokens, first.tokens)
 

@@ -1,0 +1,406 @@
+"""The sharded feature store: a directory for data sets too large for one pickle in memory.
+
+    meta.json                  the pickle's meta, plus the store's format and every shard: its files,
+                               row and caption counts, and the sha256 of each file
+    shard-00000.npy            (rows, D) embeddings, fp32 or fp16, read memory-mapped
+    shard-00000.parquet        one row per caption: image_id, caption, row (within the shard)
+
+Every file is written atomically and meta.json last, so a store that lists a shard has it whole;
+reading checks each listed file's presence, shape and size, never its content (a run must not read
+the embeddings it memory-maps). The checksums in meta.json give the store's data keys instead.
+`read_features` is the one reader of features, pickle or store.
+"""
+
+import hashlib
+import io
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from data.atomic import atomic_write, write_json_atomic
+from data.errors import InputError, read_json_input
+from data.features import FEATURES_KEY, FeatureFile, read_feature_file, write_feature_file
+
+STORE_FORMAT = "clipcap-plus-feature-store"
+STORE_VERSION = 1
+META_FILE = "meta.json"
+FEATURE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether `path` names a store (a directory) rather than a feature pickle."""
+    return Path(path).is_dir()
+
+
+def shard_name(number: int) -> str:
+    """The stem of shard `number`'s files."""
+    return f"shard-{number:05d}"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _id_type(image_ids: Sequence[Any], where: str) -> pa.DataType:
+    # One parquet column holds one type: COCO's ids are numbers, a webdataset's keys are text.
+    if all(isinstance(value, int) and not isinstance(value, bool) for value in image_ids):
+        return pa.int64()
+    if all(isinstance(value, str) for value in image_ids):
+        return pa.string()
+    raise InputError(f"{where}: image ids mix numbers and text (or hold other types); a store keeps one type")
+
+
+def write_shard(
+    directory: str | os.PathLike,
+    name: str,
+    embeddings: np.ndarray,
+    captions: Sequence[tuple[Any, str, int]],
+    feature_dtype: str = "fp32",
+    extra: dict | None = None,
+) -> dict:
+    """Write one shard (embeddings (n, D) and captions as (image_id, text, row in shard)) atomically;
+    returns its record for meta.json (with `extra`, e.g. the source shard and skipped samples)."""
+    directory = Path(directory)
+    array = np.ascontiguousarray(embeddings, dtype=FEATURE_DTYPES[feature_dtype])
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    npy = buffer.getvalue()
+    ids = [image_id for image_id, _, _ in captions]
+    table = pa.table(
+        {
+            "image_id": pa.array(ids, type=_id_type(ids, str(directory / name))),
+            "caption": pa.array([text for _, text, _ in captions], type=pa.string()),
+            "row": pa.array([row for _, _, row in captions], type=pa.int64()),
+        }
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    parquet = buffer.getvalue()
+    for suffix, data in ((".npy", npy), (".parquet", parquet)):
+        with atomic_write(directory / f"{name}{suffix}") as handle:
+            handle.write(data)
+    record = {
+        "name": name,
+        "rows": int(array.shape[0]),
+        "captions": len(captions),
+        "embeddings_sha256": _sha256(npy),
+        "captions_sha256": _sha256(parquet),
+    }
+    return {**record, **(extra or {})}
+
+
+def write_store_meta(directory: str | os.PathLike, meta: dict, shards: list[dict], feature_dim: int, dtype: str) -> None:
+    """meta.json, written last: from then on the store is whole."""
+    store = {
+        "format": STORE_FORMAT,
+        "version": STORE_VERSION,
+        "feature_dtype": dtype,
+        "shards": shards,
+    }
+    counts = {
+        "feature_dim": feature_dim,
+        "num_images": sum(shard["rows"] for shard in shards),
+        "num_captions": sum(shard["captions"] for shard in shards),
+    }
+    write_json_atomic(Path(directory) / META_FILE, {**meta, **counts, "store": store})
+
+
+def write_store(
+    directory: str | os.PathLike, features: FeatureFile, feature_dtype: str = "fp32", rows_per_shard: int = 100_000
+) -> None:
+    """Write a whole FeatureFile as a store of shards of `rows_per_shard` images."""
+    embeddings = _as_numpy(features.embeddings)
+    rows = np.array([caption[FEATURES_KEY] for caption in features.captions], dtype=np.int64)
+    order = np.argsort(rows, kind="stable")  # captions grouped by shard, in file order within a row
+    shards = []
+    for number, start in enumerate(range(0, max(len(embeddings), 1), rows_per_shard)):
+        end = min(start + rows_per_shard, len(embeddings))
+        chosen = order[(rows[order] >= start) & (rows[order] < end)]
+        captions = [
+            (features.captions[i]["image_id"], features.captions[i]["caption"], int(rows[i]) - start) for i in chosen
+        ]
+        shards.append(write_shard(directory, shard_name(number), embeddings[start:end], captions, feature_dtype))
+    meta = {key: value for key, value in features.meta.items() if key not in ("store",)}
+    write_store_meta(directory, meta, shards, embeddings.shape[1], feature_dtype)
+
+
+def _as_numpy(embeddings: "torch.Tensor | ShardedEmbeddings") -> np.ndarray:
+    if isinstance(embeddings, ShardedEmbeddings):
+        return embeddings.numpy()
+    return embeddings.detach().float().cpu().contiguous().numpy()
+
+
+class ShardedEmbeddings:
+    """(N, D) feature rows over memory-mapped .npy shards: indexing reads only the rows asked for and
+    gives float32 tensors, as a pickle's tensor would. Pickled (to DataLoader workers) as paths."""
+
+    def __init__(self, paths: list[Path], digest: str):
+        self.paths, self.digest = paths, digest
+        self._open()
+
+    def _open(self) -> None:
+        self.arrays = [np.load(path, mmap_mode="r", allow_pickle=False) for path in self.paths]
+        self.starts = np.cumsum([0] + [len(array) for array in self.arrays])  # (shards + 1,)
+
+    def __getstate__(self) -> dict:
+        return {"paths": self.paths, "digest": self.digest}  # never the mapped pages
+
+    def __setstate__(self, state: dict) -> None:
+        self.paths, self.digest = state["paths"], state["digest"]
+        self._open()
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((int(self.starts[-1]), int(self.arrays[0].shape[1])))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _locate(self, rows: np.ndarray) -> np.ndarray:
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows outside 0..{len(self) - 1}")
+        return np.searchsorted(self.starts, rows, side="right") - 1
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if isinstance(index, slice):
+            index = np.arange(len(self))[index]
+        rows = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
+        if rows.ndim == 0:  # one row: (D,)
+            shard = int(self._locate(rows.reshape(1))[0])
+            return torch.from_numpy(np.array(self.arrays[shard][int(rows) - self.starts[shard]], dtype=np.float32))
+        shards = self._locate(rows)
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)  # (k, D)
+        for shard in np.unique(shards):
+            mask = shards == shard
+            out[mask] = self.arrays[shard][rows[mask] - self.starts[shard]]
+        return torch.from_numpy(out)
+
+    def numpy(self) -> np.ndarray:
+        """Every row as one float32 array (for the converter: this reads the whole store)."""
+        return np.concatenate([np.asarray(array, dtype=np.float32) for array in self.arrays])
+
+
+class CaptionTable(Sequence):
+    """A store's captions as columns, not a list of dicts: item i is the dict a pickle's caption
+    list holds. `key` names its content (from the shards' checksums), so nothing hashes the texts."""
+
+    def __init__(self, image_ids: pa.ChunkedArray, texts: pa.ChunkedArray, rows: np.ndarray, key: str):
+        self.image_ids, self.texts, self.rows, self.key = image_ids, texts, rows, key
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _item(self, index: int) -> dict:
+        return {
+            "image_id": self.image_ids[index].as_py(),
+            "caption": self.texts[index].as_py(),
+            FEATURES_KEY: int(self.rows[index]),
+        }
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(len(self))[index]]
+        return self._item(index)
+
+    def __iter__(self) -> Iterator[dict]:
+        for image_id, text, row in zip(self.image_ids.to_pylist(), self.texts.to_pylist(), self.rows.tolist()):
+            yield {"image_id": image_id, "caption": text, FEATURES_KEY: row}
+
+    def text_list(self) -> list[str]:
+        """The caption texts, in order."""
+        return self.texts.to_pylist()
+
+    def char_lengths(self) -> np.ndarray:
+        """Each caption's length in characters (code points, as Python's len)."""
+        return pc.utf8_length(self.texts).to_numpy()
+
+    def select(self, mask: np.ndarray, why: str) -> "CaptionTable":
+        """The captions where `mask` holds; `why` (the rule that made the mask) goes into the key."""
+        keep = pa.array(mask)
+        key = _sha256(f"{self.key}\0{why}".encode())[:16]
+        return CaptionTable(self.image_ids.filter(keep), self.texts.filter(keep), self.rows[mask], key)
+
+
+def _refuse(directory: Path, reason: str) -> None:
+    raise InputError(f"{directory}: not a usable feature store: {reason}")
+
+
+def _open_shard_embeddings(directory: Path, shard: dict, feature_dim: int | None, dtype: str) -> np.ndarray:
+    path = directory / f"{shard['name']}.npy"
+    try:
+        # An empty shard (every sample of its source skipped) has no data to map.
+        array = np.load(path, mmap_mode="r" if shard["rows"] else None, allow_pickle=False)
+        if shard["rows"] and os.path.getsize(path) != array.offset + array.nbytes:
+            raise ValueError(f"{os.path.getsize(path)} bytes, not {array.offset + array.nbytes}")
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing; the store's meta.json lists it") from None
+    except (OSError, ValueError) as error:  # a short file cannot be mapped; a bad header does not parse
+        raise InputError(f"{path}: truncated or not a .npy file ({error})") from None
+    expected_dim = feature_dim if feature_dim is not None else (array.shape[1] if array.ndim == 2 else -1)
+    if array.ndim != 2 or array.shape != (shard["rows"], expected_dim) or array.dtype != FEATURE_DTYPES[dtype]:
+        raise InputError(
+            f"{path}: holds {array.dtype} {tuple(array.shape)}, meta.json says {dtype} ({shard['rows']}, {expected_dim})"
+        )
+    return array
+
+
+def _read_shard_captions(directory: Path, shard: dict) -> pa.Table:
+    path = directory / f"{shard['name']}.parquet"
+    if not path.is_file():
+        raise InputError(f"{path}: missing; the store's meta.json lists it")
+    try:
+        table = pq.read_table(path, columns=["image_id", "caption", "row"])
+    except (OSError, pa.ArrowException) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise InputError(f"{path}: truncated or not a captions parquet file ({reason})") from None
+    if table.num_rows != shard["captions"]:
+        raise InputError(f"{path}: holds {table.num_rows} captions, meta.json says {shard['captions']}")
+    rows = table.column("row").to_numpy()
+    if len(rows) and (rows.min() < 0 or rows.max() >= shard["rows"]):
+        raise InputError(f"{path}: a caption's row lies outside the shard's {shard['rows']} rows")
+    if not pa.types.is_string(table.column("caption").type):
+        raise InputError(f"{path}: column 'caption' is not text")
+    return table
+
+
+def _check_meta(directory: Path, meta: Any) -> tuple[dict, list[dict]]:
+    if not isinstance(meta, dict) or not isinstance(meta.get("store"), dict):
+        _refuse(directory, f"{META_FILE} is not a store's meta")
+    store = meta["store"]
+    if store.get("format") != STORE_FORMAT or store.get("version") != STORE_VERSION:
+        _refuse(directory, f"{META_FILE} names format {store.get('format')!r} version {store.get('version')!r}")
+    if store.get("feature_dtype") not in FEATURE_DTYPES:
+        _refuse(directory, f"feature_dtype {store.get('feature_dtype')!r} is not one of {', '.join(FEATURE_DTYPES)}")
+    shards = store.get("shards")
+    if not isinstance(shards, list) or not shards:
+        _refuse(directory, f"{META_FILE} lists no shards")
+    fields = {"name": str, "rows": int, "captions": int, "embeddings_sha256": str, "captions_sha256": str}
+    for shard in shards:
+        if not isinstance(shard, dict) or any(not isinstance(shard.get(k), t) for k, t in fields.items()):
+            _refuse(directory, f"{META_FILE} has a shard entry without {', '.join(fields)}")
+        if Path(shard["name"]).name != shard["name"] or shard["name"].startswith("."):
+            _refuse(directory, f"shard name {shard['name']!r} is not a plain file name")
+        if shard["rows"] < 0 or shard["captions"] < 0:
+            _refuse(directory, f"shard {shard['name']} has a negative count")
+    return store, shards
+
+
+def read_store(directory: str | os.PathLike, verify_checksums: bool = False) -> FeatureFile:
+    """Open a store: embeddings memory-mapped, captions as columns. Missing, truncated or mismatched
+    files are refused in one line; `verify_checksums` also hashes every file (reads it all)."""
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        _refuse(directory, f"no {META_FILE} (an extraction that has not finished, or not a store)")
+    meta = read_json_input(meta_path, "store meta")
+    store, shards = _check_meta(directory, meta)
+    feature_dim = meta.get("feature_dim")
+    if not isinstance(feature_dim, int) or feature_dim < 1:
+        _refuse(directory, f"feature_dim {feature_dim!r} in {META_FILE}")
+    if verify_checksums:
+        _verify_checksums(directory, shards)
+    arrays, tables, rows, start = [], [], [], 0
+    for shard in shards:
+        arrays.append(_open_shard_embeddings(directory, shard, feature_dim, store["feature_dtype"]))
+        table = _read_shard_captions(directory, shard)
+        tables.append(table)
+        rows.append(table.column("row").to_numpy().astype(np.int64) + start)
+        start += shard["rows"]
+    if start == 0 or not sum(table.num_rows for table in tables):
+        _refuse(directory, "it holds no images or no captions")
+    # A shard with no captions (every sample of its source skipped) has no image id type of its own.
+    id_types = {table.schema.field("image_id").type for table in tables if table.num_rows}
+    tables = [table for table in tables if table.num_rows]
+    try:
+        if len(id_types) > 1:
+            raise pa.ArrowInvalid("image id types differ")
+        captions = pa.concat_tables(tables)
+    except pa.ArrowInvalid:
+        _refuse(directory, "its shards' image ids differ in type (numbers in some, text in others)")
+    keep = [shard for shard, array in zip(shards, arrays) if len(array)]  # np.load cannot map an empty file's data
+    paths = [directory / f"{shard['name']}.npy" for shard in keep]
+    embeddings = ShardedEmbeddings(paths, _digest(shard["embeddings_sha256"] for shard in shards))
+    table = CaptionTable(
+        captions.column("image_id"),
+        captions.column("caption"),
+        np.concatenate(rows),
+        _digest(shard["captions_sha256"] for shard in shards),
+    )
+    return FeatureFile(embeddings, table, {key: value for key, value in meta.items() if key != "store"})
+
+
+def _digest(checksums: Iterator[str]) -> str:
+    return _sha256("\n".join(checksums).encode())[:16]
+
+
+def _verify_checksums(directory: Path, shards: list[dict]) -> None:
+    for shard in shards:
+        for suffix, field in ((".npy", "embeddings_sha256"), (".parquet", "captions_sha256")):
+            path = directory / f"{shard['name']}{suffix}"
+            digest = hashlib.sha256()
+            try:
+                with open(path, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+            except OSError as error:
+                raise InputError(f"{path}: cannot be read ({error.strerror or error})") from None
+            if digest.hexdigest() != shard[field]:
+                raise InputError(f"{path}: its content does not match the checksum in {META_FILE}")
+
+
+def read_features(path: str | os.PathLike) -> FeatureFile:
+    """The one reader of features: a store directory (memory-mapped) or a feature pickle (in memory)."""
+    return read_store(path) if is_store(path) else read_feature_file(path)
+
+
+
+# The names a store (and an extraction filling one) writes; nothing else is ever deleted from its directory.
+_STORE_FILE = re.compile(r"meta\.json|extraction\.json|shard-\d{5,}\.(npy|parquet|json)|\..+\.tmp")
+
+
+def check_store_output(path: str | os.PathLike) -> None:
+    """A store goes into a new or empty directory, or replaces an earlier store (or its unfinished
+    extraction); a directory holding other files is refused, so replacing cannot delete them."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise InputError(f"{path}: exists and is not a directory; a store is written into a directory")
+    others = sorted(entry.name for entry in path.iterdir() if not _STORE_FILE.fullmatch(entry.name)) if path.is_dir() else []
+    if others:
+        raise InputError(f"{path}: holds files that are not a feature store's ({others[0]}, ...); give a new directory")
+
+
+def clear_store(path: str | os.PathLike) -> None:
+    """Delete an earlier store's files (meta.json first, so it is never whole meanwhile); creates the directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / META_FILE).unlink(missing_ok=True)
+    for entry in path.iterdir():
+        if _STORE_FILE.fullmatch(entry.name):
+            entry.unlink()
+
+
+def convert_features(
+    source: str | os.PathLike, target: str | os.PathLike, feature_dtype: str = "fp32", rows_per_shard: int = 100_000
+) -> str:
+    """Pickle -> store, or store -> pickle, the direction taken from what `source` is; returns it in words."""
+    if is_store(source):
+        if Path(target).is_dir():
+            raise InputError(f"{target}: is a directory; a store converts to a feature pickle file")
+        if Path(source).resolve() in Path(target).resolve().parents:
+            raise InputError(f"{target}: lies inside the store {source}; write the pickle elsewhere")
+        features = read_store(source, verify_checksums=True)  # it is read whole anyway: check every byte
+        embeddings = torch.from_numpy(features.embeddings.numpy())
+        write_feature_file(target, FeatureFile(embeddings, list(features.captions), features.meta))
+        return "store -> pickle"
+    check_store_output(target)
+    clear_store(target)
+    write_store(target, read_feature_file(source), feature_dtype, rows_per_shard)
+    return f"pickle -> store ({feature_dtype})"

@@ -1,0 +1,132 @@
+"""Webdataset input: tar shards (img2dataset's output) streamed sample by sample, through the
+`webdataset` library, so local paths, brace patterns and `pipe:` URLs all work as it provides them.
+
+Shards are split over torchrun ranks (by the caller) and over DataLoader workers (here); a worker
+yields batches that never mix shards, and closes each shard with a batch marked `last`, so the
+process that encodes knows when a shard's results are whole. Nothing is kept per sample beyond
+its decoded pixels until its batch is yielded.
+"""
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import webdataset
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from data.errors import InputError
+from data.images import ImageReadError, decode_rgb
+
+
+def expand_shard_urls(pattern: str) -> list[str]:
+    """`shards/{00000..00999}.tar` (or several joined by `::`) -> the list of shard URLs, in order."""
+    urls = expand_urls(pattern)
+    if not urls or any(not url for url in urls):
+        raise InputError(f"--input {pattern!r}: names no shard")
+    if len(set(urls)) != len(urls):
+        raise InputError(f"--input {pattern!r}: names a shard twice")
+    return urls
+
+
+@dataclass
+class ShardBatch:
+    """Up to batch_size decoded samples of one shard, and the samples of it that were skipped."""
+
+    shard: int  # the shard's position in the --input list
+    url: str
+    keys: list[str] = field(default_factory=list)  # one per pixel row
+    captions: list[str] = field(default_factory=list)
+    pixels: torch.Tensor | None = None  # (b, 3, H, W)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    last: bool = False  # the shard's final batch: its results are complete
+    error: str | None = None  # with `last`: why the shard ended early (a corrupt member, an unreadable URL)
+    opened: bool = True  # False: the shard could not be opened at all (retried by --resume)
+
+
+def pass_through(batch: ShardBatch) -> ShardBatch:
+    """collate_fn for batches the dataset makes itself (a module function, so workers can pickle it)."""
+    return batch
+
+
+class WebdatasetImages(IterableDataset):
+    """Decoded, preprocessed samples of the given shards, in ShardBatch-es; bad samples travel as reasons."""
+
+    def __init__(
+        self,
+        shards: list[tuple[int, str]],
+        image_key: str,
+        caption_key: str,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        resize_dim: int | None,
+        batch_size: int,
+    ):
+        self.shards, self.image_key, self.caption_key = shards, image_key.lower(), caption_key.lower()
+        self.preprocess, self.resize_dim, self.batch_size = preprocess, resize_dim, batch_size
+
+    def __iter__(self) -> Iterator[ShardBatch]:
+        worker = get_worker_info()
+        mine = self.shards if worker is None else self.shards[worker.id :: worker.num_workers]
+        for number, url in mine:
+            yield from self._read_shard(number, url)
+
+    def _read_shard(self, number: int, url: str) -> Iterator[ShardBatch]:
+        errors: list[str] = []
+
+        def stop(error: Exception) -> bool:  # webdataset's handler: note why, and end this shard
+            errors.append((str(error.args[0]) if error.args else type(error).__name__).split(" @ ")[0])
+            return False
+
+        batch = ShardBatch(number, url)
+        decoded: list[torch.Tensor] = []
+        try:
+            stream = webdataset.gopen(url)
+        except Exception as error:  # a missing file, a pipe that cannot start: nothing read, nothing recorded
+            yield ShardBatch(number, url, last=True, error=f"cannot open ({error})", opened=False)
+            return
+        try:
+            members = tar_file_iterator(stream, handler=stop)
+            for sample in group_by_keys(({**member, "__url__": url} for member in members), handler=stop):
+                self._add(batch, decoded, sample)
+                if len(batch.keys) + len(batch.failures) >= self.batch_size:
+                    yield self._finish(batch, decoded)
+                    batch, decoded = ShardBatch(number, url), []
+        except Exception as error:  # e.g. not a tar file at all
+            stop(error)
+        finally:
+            try:
+                stream.close()  # a pipe: URL reports its command's failure here
+            except Exception as error:
+                stop(error)
+        batch.last, batch.error = True, "; ".join(errors) or None
+        yield self._finish(batch, decoded)
+
+    def _add(self, batch: ShardBatch, decoded: list[torch.Tensor], sample: dict) -> None:
+        key = sample["__key__"]
+        missing = [name for name in (self.image_key, self.caption_key) if name not in sample]
+        if missing:
+            batch.failures.append((key, f"no '{', '.join(missing)}' member"))
+            return
+        try:
+            caption = sample[self.caption_key].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            batch.failures.append((key, "caption is not UTF-8 text"))
+            return
+        if not caption:
+            batch.failures.append((key, "empty caption"))
+            return
+        try:
+            image = decode_rgb(sample[self.image_key], key, self.resize_dim)
+        except ImageReadError as error:
+            batch.failures.append((key, error.reason))
+            return
+        batch.keys.append(key)
+        batch.captions.append(caption)
+        decoded.append(self.preprocess(image))
+
+    @staticmethod
+    def _finish(batch: ShardBatch, decoded: list[torch.Tensor]) -> ShardBatch:
+        batch.pixels = torch.stack(decoded) if decoded else None  # (b, 3, H, W)
+        return batch

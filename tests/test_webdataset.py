@@ -1,0 +1,196 @@
+"""Webdataset input into the feature store: the same features and captions as a folder with a Karpathy
+file, awkward and broken samples skipped and named by shard, pipe: URLs, resume after a kill, and
+extraction split over two gloo processes."""
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import parse_coco_clip
+import stages.extract_webdataset
+from data.errors import InputError
+from data.store import META_FILE, read_features
+from data.webdataset_input import WebdatasetImages
+from tests.test_extraction import REPO, write_image
+
+# Shards of (key, image kind or None for no image member, caption or None for no caption member).
+GOOD_KINDS = ("rgb", "gray", "cmyk", "rgba_png", "sixteen_bit_png", "palette_png", "rgb", "rgb")
+SHARDS = [
+    [("img000", "rgb", "a red circle"), ("img001", "truncated", "broken"), ("img002", "gray", "a gray square")],
+    [("img003", "cmyk", "a cmyk star"), ("img004", "rgb", None), ("img005", "text", "not an image")],
+    [],  # an empty shard
+    [("img006", "rgba_png", "a transparent circle"), ("img007", "sixteen_bit_png", "a deep gray"),
+     ("img008", "palette_png", "few colors"), ("img009", "empty", "an empty file")],
+]  # fmt: skip
+GOOD_KEYS = ["img000", "img002", "img003", "img006", "img007", "img008"]
+
+
+def image_bytes(tmp: Path, key: str, kind: str) -> bytes:
+    path = tmp / f"{key}.jpg"
+    write_image(path, kind, seed=int(key[3:]) + 1)
+    return path.read_bytes()
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The shards, and the same images as a folder with a Karpathy file (one caption each)."""
+    root = tmp_path_factory.mktemp("wds")
+    (root / "shards").mkdir()
+    (root / "images").mkdir()
+    entries = []
+    for number, samples in enumerate(SHARDS):
+        with tarfile.open(root / "shards" / f"{number:05d}.tar", "w") as tar:
+            for key, kind, caption in samples:
+                data = image_bytes(root / "images", key, kind)
+                add_member(tar, f"{key}.jpg", data)
+                if caption is not None:
+                    add_member(tar, f"{key}.txt", caption.encode())
+                    entries.append({"filename": f"{key}.jpg", "split": "train", "sentences": [{"raw": caption}]})
+    (root / "dataset_wds.json").write_text(json.dumps({"images": entries}))
+    return root
+
+
+def wds_args(root: Path, model_dir: Path, output: Path, *extra: str, pattern: str | None = None) -> list[str]:
+    return [
+        "--clip_model_type", str(model_dir), "--input_format", "webdataset",
+        "--input", pattern or str(root / "shards" / "{00000..00003}.tar"), "--output_format", "shards",
+        "--output_file", str(output), "--device", "cpu", "--batch_size", "2", *extra,
+    ]  # fmt: skip
+
+
+def run(args: list[str]):
+    return parse_coco_clip.main(parse_coco_clip.parse_args(args))
+
+
+def test_webdataset_gives_the_features_and_captions_of_the_folder(dataset, tiny_clip_dir, tmp_path, capsys):
+    folder = tmp_path / "folder"
+    run([
+        "--clip_model_type", str(tiny_clip_dir), "--coco_images_dir", str(dataset / "images"),
+        "--captions_file", str(dataset / "dataset_wds.json"), "--split", "train", "--output_format", "shards",
+        "--output_file", str(folder), "--device", "cpu", "--num_workers", "0", "--batch_size", "3",
+    ])  # fmt: skip
+    capsys.readouterr()
+    shards = tmp_path / "shards"
+    run(wds_args(dataset, tiny_clip_dir, shards, "--num_workers", "2"))
+    out = capsys.readouterr().out
+    from_folder, from_shards = read_features(folder), read_features(shards)
+    rows = from_shards.image_rows()
+    assert sorted(rows) == GOOD_KEYS == sorted(from_folder.image_rows())
+    for key, row in rows.items():
+        expected = from_folder.embeddings[from_folder.image_rows()[key]]
+        torch.testing.assert_close(from_shards.embeddings[row], expected, atol=2e-6, rtol=1e-5)
+    captions = {caption["image_id"]: caption["caption"] for caption in from_shards.captions}
+    assert captions == {caption["image_id"]: caption["caption"] for caption in from_folder.captions}
+    assert from_shards.meta["encoder"] == from_folder.meta["encoder"]
+    # Every bad sample skipped, by reason; one line per shard that had any, naming it.
+    report = json.loads((tmp_path / "shards.skipped.json").read_text())
+    reasons = {entry["image_id"]: entry["reason"] for entry in report["skipped"]}
+    assert sorted(reasons) == ["img001", "img004", "img005", "img009"]
+    assert reasons["img004"] == "no 'txt' member" and reasons["img009"] == "empty file"
+    assert reasons["img005"] == "not an image" and reasons["img001"].startswith("cannot decode")
+    assert "00000.tar: 1 of 3 sample(s) skipped" in out and "00001.tar: 2 of 3 sample(s) skipped" in out
+    assert "00002.tar: empty shard (no samples)" in out
+    meta = json.loads((shards / META_FILE).read_text())
+    assert [shard["rows"] for shard in meta["store"]["shards"]] == [2, 1, 0, 3]
+    assert sorted(path.name for path in shards.iterdir() if path.suffix == ".json") == [META_FILE]
+
+    # The same shards through a pipe: URL, as from object storage.
+    piped = tmp_path / "piped"
+    pattern = f"pipe:cat {dataset / 'shards'}/{{00000..00003}}.tar"
+    run(wds_args(dataset, tiny_clip_dir, piped, "--num_workers", "0", pattern=pattern))
+    assert torch.equal(read_features(piped).embeddings[:], from_shards.embeddings[:])
+
+
+def test_a_corrupt_member_ends_its_shard_and_a_missing_shard_is_retried(dataset, tiny_clip_dir, tmp_path, capsys):
+    shards = tmp_path / "in"
+    shards.mkdir()
+    data = (dataset / "shards" / "00003.tar").read_bytes()
+    (shards / "00000.tar").write_bytes(data[:2500])  # cut inside the first image
+    (shards / "00001.tar").write_bytes(data)
+    output = tmp_path / "store"
+    pattern = str(shards / "{00000..00002}.tar")  # 00002.tar does not exist
+    with pytest.raises(InputError, match=r"1 of 3 shard\(s\) have no results, e\.g\. .*00002\.tar; .*--resume"):
+        run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", pattern=pattern))
+    out = capsys.readouterr().out
+    assert "00000.tar: ended early after 0 sample(s): " in out
+    assert "00002.tar: cannot open" in out and not (output / META_FILE).exists()
+    (shards / "00002.tar").write_bytes(data)
+    run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", "--resume", pattern=pattern))
+    meta = json.loads((output / META_FILE).read_text())
+    assert [shard["rows"] for shard in meta["store"]["shards"]] == [0, 3, 3]
+
+
+def test_resume_after_a_kill_skips_finished_shards_and_gives_the_same_store(
+    dataset, tiny_clip_dir, tmp_path, monkeypatch
+):
+    whole = tmp_path / "whole"
+    run(wds_args(dataset, tiny_clip_dir, whole, "--num_workers", "0"))
+    original_write, read = stages.extract_webdataset.write_shard, []
+
+    def killed_at_the_third_shard(*args, **kwargs):
+        if args[1] == "shard-00002":
+            raise KeyboardInterrupt
+        return original_write(*args, **kwargs)
+
+    monkeypatch.setattr(stages.extract_webdataset, "write_shard", killed_at_the_third_shard)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run(wds_args(dataset, tiny_clip_dir, resumed, "--num_workers", "0"))
+    monkeypatch.undo()
+    with pytest.raises(InputError, match=r"partial results were made with other settings \(feature_dtype\)"):
+        run(wds_args(dataset, tiny_clip_dir, resumed, "--feature_dtype", "fp16", "--resume"))
+    original_read = WebdatasetImages._read_shard
+
+    def recording_read(self, number, url):
+        read.append(number)
+        return original_read(self, number, url)
+
+    monkeypatch.setattr(WebdatasetImages, "_read_shard", recording_read)
+    run(wds_args(dataset, tiny_clip_dir, resumed, "--num_workers", "0", "--resume"))
+    assert read == [2, 3]  # shards 0 and 1 were done
+    assert sorted(path.name for path in resumed.iterdir()) == sorted(path.name for path in whole.iterdir())
+    for path in whole.iterdir():
+        if path.name != META_FILE:
+            assert (resumed / path.name).read_bytes() == path.read_bytes(), path.name
+    assert json.loads((resumed / META_FILE).read_text()) == json.loads((whole / META_FILE).read_text())
+
+
+def test_bad_flags_are_one_line(dataset, tiny_clip_dir, tmp_path):
+    with pytest.raises(InputError, match="needs --input"):
+        run(["--clip_model_type", str(tiny_clip_dir), "--input_format", "webdataset", "--output_format", "shards"])
+    with pytest.raises(InputError, match="give --output_format shards"):
+        run(["--clip_model_type", str(tiny_clip_dir), "--input_format", "webdataset", "--input", "x.tar"])
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a feature store's"):
+        run(wds_args(dataset, tiny_clip_dir, tmp_path / "taken"))
+
+
+def test_torchrun_two_gloo_processes_split_the_shards(dataset, tiny_clip_dir, tmp_path):
+    """Each rank reads its shards (and each of its two workers one of them); rank 0 writes meta.json."""
+    single = tmp_path / "single"
+    run(wds_args(dataset, tiny_clip_dir, single, "--num_workers", "0"))
+    output = tmp_path / "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "parse_coco_clip.py", *wds_args(dataset, tiny_clip_dir, output, "--num_workers", "2")]  # fmt: skip
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("wrote ") == 1 and "world_size: 2" in completed.stdout
+    merged, alone = read_features(output), read_features(single)
+    torch.testing.assert_close(merged.embeddings[:], alone.embeddings[:], atol=2e-6, rtol=1e-5)
+    assert list(merged.captions) == list(alone.captions)
+    rows = [[shard["rows"] for shard in json.loads((store / META_FILE).read_text())["store"]["shards"]]
+            for store in (output, single)]  # fmt: skip
+    assert rows[0] == rows[1] == [2, 1, 0, 3]
