@@ -113,6 +113,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     texts = [coco_like_caption(rng) for _ in range(args.images * 5)]
     # GPT-2's byte-level BPE, trained here on the captions (no download); the LM's vocabulary is GPT-2's.
     tokenizer: GPT2TokenizerFast = train_tokenizer(texts, vocab_size=1000)
+    tokenizer.pad_token = tokenizer.eos_token  # as models.checkpoint.load_tokenizer sets it
     features = FeatureFile(
         torch.randn(args.images, 512),
         [{"image_id": row, "caption": text, "clip_embedding": row} for row, text in enumerate(texts) if row < args.images],
