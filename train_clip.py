@@ -58,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="hidden width of the projection head (default: tower width / 2)",
     )
     models.add_argument(
-        "--cnn_channels", type=int, nargs="+", default=[32, 64, 128, 256], help="tiny_cnn: width of each stride-2 conv"
+        "--cnn_channels", type=int, nargs="+", default=[32, 64, 128], help="tiny_cnn: width of each convolution"
+    )
+    models.add_argument(
+        "--cnn_stem", type=int, default=4, help="tiny_cnn: patch side (and stride) of the first convolution"
     )
     training = parser.add_argument_group("training")
     training.add_argument("--out_dir", required=True, help="run directory: encoder/, retrieval.json, checkpoints, log")
@@ -84,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache_dir", default=None, help="text-embedding cache (default: train.py's cache directory)"
     )
     running = parser.add_argument_group("running")
+    running.add_argument(
+        "--cache_images",
+        action="store_true",
+        help="decode the training images once and keep their pixels in memory (small sets: N x 3 x size^2 floats)",
+    )
     running.add_argument("--eval_batch_size", type=int, default=256, help="images and captions per validation pass")
     running.add_argument(
         "--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes decoding images"

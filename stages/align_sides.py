@@ -48,7 +48,10 @@ def _local_tower(args: argparse.Namespace) -> tuple[object, str, int, dict]:
     channels = list(args.cnn_channels)
     if not channels or min(channels) < 1:
         raise InputError(f"--cnn_channels {channels}: give one positive width per convolution")
-    return TinyCNN(channels), "tiny_cnn", channels[-1], {"channels": channels}
+    if args.cnn_stem < 1:
+        raise InputError(f"--cnn_stem {args.cnn_stem}: must be at least 1")
+    tower_config = {"channels": channels, "stem": args.cnn_stem}
+    return TinyCNN(channels, args.cnn_stem), "tiny_cnn", 2 * channels[-1], tower_config  # mean and max pooled
 
 
 def build_image_side(args: argparse.Namespace, text_dim: int) -> tuple[AlignedImageEncoder, PreprocessSettings]:

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -63,6 +64,7 @@ TRAJECTORY = (
     "image_size",
     "projection_hidden",
     "cnn_channels",
+    "cnn_stem",
     "max_grad_norm",
 )
 SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}
@@ -152,6 +154,9 @@ class AlignmentTrainer:
         }
         if checkpoint is not None:
             self._restore(checkpoint, source)
+        self.cached_pixels = None
+        if args.cache_images:
+            self.cache_pixels()
         else:
             torch.manual_seed(args.seed + context.rank)
         self.main_work = main_work_group(context)
@@ -218,18 +223,9 @@ class AlignmentTrainer:
         done = self.position["batch_in_epoch"]
         order = epoch_order(self.train_data.records, self.args.seed, epoch, self.context)[done * self.args.batch_size :]
         captions = self.train_data.draw_captions(self.args.seed, epoch)
-        loader = DataLoader(
-            ImageDataset(self.train_data.paths, self.preprocess, self.spec.resize_dim),
-            batch_size=self.args.batch_size,
-            sampler=order,
-            collate_fn=collate_images,
-            num_workers=self.args.num_workers,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(self.args.seed + epoch),  # not the global RNG (dropout's)
-        )
         bar = tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {epoch}", disable=not self.context.is_main)
         last = time.perf_counter()
-        for indices, pixels, failures in loader:
+        for indices, pixels, failures in self.batches(order, epoch):
             for index, reason in failures:  # reported at the epoch's end; never fatal
                 self.position["skipped"][str(self.train_data.paths[index])] = reason
             if pixels is not None and len(indices) > 1:  # InfoNCE needs a negative
@@ -246,6 +242,39 @@ class AlignmentTrainer:
                 self.save_latest()
         bar.close()
         self.position.update(epoch=epoch + 1, batch_in_epoch=0)
+
+    def _loader(self, indices: list[int], seed: int) -> DataLoader:
+        return DataLoader(
+            ImageDataset(self.train_data.paths, self.preprocess, self.spec.resize_dim),
+            batch_size=self.args.batch_size,
+            sampler=indices,
+            collate_fn=collate_images,
+            num_workers=self.args.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),  # not the global RNG (dropout's)
+        )
+
+    def cache_pixels(self) -> None:
+        """--cache_images: decode and preprocess every training image once, for every epoch (no augmentation,
+        so each epoch would compute the same pixels again); unreadable ones are skipped here, once."""
+        rows: dict[int, torch.Tensor] = {}
+        loader = self._loader(list(range(len(self.train_data.paths))), self.args.seed)
+        for indices, pixels, failures in tqdm(loader, desc="decoding images", disable=not self.context.is_main):
+            rows.update(zip(indices, pixels if pixels is not None else []))
+            for index, reason in failures:
+                self.position["skipped"][str(self.train_data.paths[index])] = reason
+        self.cached_row = {index: row for row, index in enumerate(sorted(rows))}
+        self.cached_pixels = torch.stack([rows[index] for index in sorted(rows)]) if rows else None
+
+    def batches(self, order: list[int], epoch: int) -> Iterator[tuple[list[int], torch.Tensor | None, list]]:
+        """(image indices, pixels, failures) per batch of `order`: decoded now, or from the --cache_images store."""
+        if self.cached_pixels is None:
+            yield from self._loader(order, self.args.seed + epoch)
+            return
+        for start in range(0, len(order), self.args.batch_size):
+            indices = [index for index in order[start : start + self.args.batch_size] if index in self.cached_row]
+            pixels = self.cached_pixels[[self.cached_row[index] for index in indices]] if indices else None
+            yield indices, pixels, []
 
     def train_step(self, pixels: torch.Tensor, caption_ids: torch.Tensor, epoch: int) -> dict[str, float]:
         """One optimizer step on (image, caption) pairs; returns the loss (mean over ranks), lr and scale."""
