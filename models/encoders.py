@@ -1,5 +1,6 @@
-"""Frozen image encoders (CLIP, DINOv2), each with its preprocessing: `load_encoder(name)` returns
-`(encoder, preprocess)` as OpenAI CLIP's `clip.load` does, so extraction and prediction share the pair.
+"""Frozen image encoders (CLIP, DINOv2, and train_clip.py's aligned encoders, family "aligned"), each with
+its preprocessing: `load_encoder(name)` returns `(encoder, preprocess)` as OpenAI CLIP's `clip.load`
+does, so extraction and prediction share the pair.
 
 Preprocessing is the models' reference transform, built from torchvision as OpenAI CLIP and DINOv2
 build theirs: resize the short side (bicubic), center-crop, scale to [0, 1], normalize. It equals the
