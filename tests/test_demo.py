@@ -96,7 +96,8 @@ def test_rejects_sizes_below_one(tmp_path, flag):
 
 
 def test_a_failing_stage_is_one_line_naming_it(tmp_path):
-    """Offline, --pretrained cannot load ViT-B/32: the demo stops at the first stage with one line, status 2."""
+    """Offline, --pretrained cannot load ViT-B/32 (the alignment's text tower): the demo stops at the first
+    stage with one line, status 2."""
     completed = subprocess.run(
         [sys.executable, "demo.py", "--pretrained", "--output_dir", str(tmp_path / "out")]
         + ["--num_train", "2", "--num_val", "1", "--num_test", "1"],
@@ -108,10 +109,10 @@ def test_a_failing_stage_is_one_line_naming_it(tmp_path):
     assert completed.returncode == 2
     assert "Traceback" not in completed.stderr  # above the error line: only progress bars
     line = completed.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: stage 'extract train' (parse_coco_clip.py) failed with exit status 2: ")
-    assert "cannot load image encoder 'ViT-B/32'" in line
-    assert "$ python parse_coco_clip.py --clip_model_type ViT-B/32" in completed.stdout
-    assert "$ python train.py" not in completed.stdout  # nothing runs after the failed stage
+    assert line.startswith("error: stage 'align' (train_clip.py) failed with exit status 2: ")
+    assert "cannot load CLIP model 'ViT-B/32'" in line
+    assert "$ python train_clip.py" in completed.stdout and "--text_encoder ViT-B/32" in completed.stdout
+    assert "$ python parse_coco_clip.py" not in completed.stdout  # nothing runs after the failed stage
 
 
 def _options(**changes) -> DemoOptions:
