@@ -69,7 +69,10 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     tokenizer = train_clip_tokenizer(captions(2000, seed=1))
     tower = None
     if variant == "text tower every step":
-        tower = FrozenTextTower(CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(tokenizer)))).to(device)
+        config = CLIPTextConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+        )
+        tower = FrozenTextTower(CLIPTextModelWithProjection(config)).to(device)
     times = []
     for step in range(args.steps + 1):
         if device.type == "cuda":
