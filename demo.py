@@ -1,10 +1,12 @@
-"""The demo: one command that generates a synthetic captioned image set, builds a small CLIP-style
-encoder and a small GPT-2 (random weights, saved and loaded by path), then extracts, trains,
-captions and evaluates with the real scripts, and compares the model with the best constant caption;
-an SCST stage (train.py --scst) fine-tunes the model for test CIDEr, before and after shown.
+"""The demo: one command that generates a synthetic captioned image set, builds tiny models (random
+weights, saved and loaded by path), aligns a tiny CNN to a tiny CLIP text tower (train_clip.py), then
+extracts with the aligned encoder, trains, captions and evaluates with the real scripts, and compares the
+model with the best constant caption; an SCST stage (train.py --scst) fine-tunes the model for test
+CIDEr, before and after shown.
 
     python demo.py                       # about 4 minutes on 2 CPU cores, no download
-    python demo.py --pretrained          # ViT-B/32 and gpt2 from the hub instead
+    python demo.py --align_epochs 0      # extract with the random tiny ViT instead: it cannot see shape
+    python demo.py --pretrained          # ViT-B/32, gpt2 and a ResNet-50 from the hub instead
 """
 
 import argparse
@@ -53,6 +55,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scst_bs", type=int, default=32, help="images per SCST batch (5 captions sampled each)")
     parser.add_argument(
         "--scst_lr", type=float, default=None, help="SCST learning rate (default: 1e-4, 1e-5 with --pretrained)"
+    )
+    parser.add_argument(
+        "--align_epochs",
+        type=int,
+        default=30,
+        help="train_clip.py epochs aligning a tiny CNN to a tiny CLIP text tower before extraction (0: extract "
+        "with the random tiny ViT instead)",
+    )
+    parser.add_argument("--align_image_size", type=int, default=96, help="alignment: the CNN's input side in pixels")
+    parser.add_argument("--align_bs", type=int, default=64, help="alignment: images per batch")
+    parser.add_argument("--align_lr", type=float, default=3e-3, help="alignment: peak learning rate")
+    parser.add_argument(
+        "--align_train_text",
+        action="store_true",
+        help="alignment: train the text tower too (default: frozen, its caption embeddings computed once)",
     )
     parser.add_argument("--decode", default="greedy", choices=("greedy", "beam"), help="decoding of the test captions")
     parser.add_argument(

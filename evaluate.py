@@ -44,6 +44,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="score only the predicted images when some referenced images have no prediction",
     )
+    scoring.add_argument(
+        "--clip_score",
+        metavar="MODEL",
+        help="also CLIP-S and RefCLIP-S with this CLIP model (a name, id or directory with both towers)",
+    )
+    scoring.add_argument(
+        "--clip_features", help="with --clip_score: a parse_coco_clip.py file of MODEL over the scored images"
+    )
+    scoring.add_argument(
+        "--coco_images_dir", help="with --clip_score and no --clip_features: encode the images from this directory"
+    )
     scoring.add_argument("--output", help="write scores, settings and per-image scores to this JSON file")
     add_decoding_args(parser)  # used with --checkpoint
     running = parser.add_argument_group("running the model (with --checkpoint)")

@@ -1,5 +1,5 @@
-"""Every GPU check in one call, for a lent CUDA machine: the GPU tests, then extraction, training and
-decoding benchmarks (real-size models, random weights, ClipCap's procedures beside ours), each a
+"""Every GPU check in one call, for a lent CUDA machine: the GPU tests, then extraction, training,
+decoding and alignment benchmarks (real-size models, random weights, ClipCap's procedures beside ours), each a
 section run as its own process with a time limit.
 
 After every section the results so far go to gpu_check.json and gpu_check.md in --out_dir, so a run cut
@@ -26,8 +26,8 @@ GPU_TESTS = ["tests/test_extraction.py", "tests/test_training.py", "tests/test_d
 
 # Seconds each section may take: the full run stays within 6 minutes, --quick within 2.
 LIMITS = {
-    False: {"tests": 90, "extraction": 60, "training": 60, "decoding": 45},
-    True: {"tests": 45, "extraction": 25, "training": 15, "decoding": 10},
+    False: {"tests": 90, "extraction": 60, "training": 60, "decoding": 30, "alignment": 30},
+    True: {"tests": 45, "extraction": 15, "training": 15, "decoding": 10, "alignment": 10},
 }
 
 
@@ -62,6 +62,11 @@ def sections(quick: bool) -> list[tuple[str, list[str], int]]:
                 limit["decoding"],
             )  # fmt: skip
             for batch in ("64", "256")
+        ),
+        (
+            "alignment (train_clip.py step) batch 256, bf16",
+            [python, "bench/bench_align.py", "--device", "cuda", "--batch_size", "256", "--steps", steps],
+            limit["alignment"],
         ),
     ]
 

@@ -58,7 +58,8 @@ def references_from_features(feature_file: FeatureFile) -> dict[ImageId, list[st
     return references
 
 
-def _is_pickle(path: Path) -> bool:
+def is_pickle(path: Path) -> bool:
+    """Whether a references file is a feature pickle (by suffix, else its first byte)."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return True
     with open(path, "rb") as handle:
@@ -71,7 +72,7 @@ def load_references(path: str | os.PathLike, split: str | None = None) -> dict[I
     path = Path(path)
     if not path.is_file() and not is_store(path):
         raise InputError(f"{path}: no such references file")
-    if is_store(path) or _is_pickle(path):
+    if is_store(path) or is_pickle(path):
         feature_file = read_features(path)
         file_split = feature_file.meta.get("split")
         if split is not None and file_split is not None and split != file_split:

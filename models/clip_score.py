@@ -5,20 +5,35 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import AutoConfig, AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from data.errors import InputError
+from data.features import FeatureFile
 from models.encoders import CLIP_MODELS
 
 CLIP_S_WEIGHT = 2.5  # w in CLIP-S = w * max(cos, 0): stretches the scores over about [0, 1]
 CAPTION_PROMPT = "A photo depicts "  # prepended to candidates, as in the paper
 
 
-class ClipScorer:
-    """A whole CLIP model (both towers, frozen) and its tokenizer, by short name, transformers id or directory."""
+class ClipTextEncoder(nn.Module):
+    """CLIP's text tower and text projection: tokenizer outputs -> projected embeddings (B, D), not normalized."""
 
-    def __init__(self, name: str, device: torch.device | str = "cpu", batch_size: int = 256):
+    def __init__(self, model: CLIPModel):
+        super().__init__()
+        self.text_model, self.text_projection = model.text_model, model.text_projection
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output  # (B, H): EOS
+        return self.text_projection(pooled)  # (B, D)
+
+
+class ClipScorer:
+    """A whole CLIP model (both towers, frozen) and its tokenizer, by short name, transformers id or directory.
+    `purpose` names what needs the text tower in the refusal of a model without one."""
+
+    def __init__(self, name: str, device: torch.device | str = "cpu", batch_size: int = 256, purpose: str = "CLIP-S"):
         model_id = CLIP_MODELS.get(name, name)
         try:
             config = AutoConfig.from_pretrained(model_id)
@@ -26,7 +41,7 @@ class ClipScorer:
             raise InputError(f"cannot load CLIP model {name!r}: {_first_line(error)}") from None
         if config.model_type != "clip":
             raise InputError(
-                f"CLIP model {name!r} is a {config.model_type!r} model; CLIP-S needs a whole CLIP model with a text tower"
+                f"CLIP model {name!r} is a {config.model_type!r} model; {purpose} needs a whole CLIP model with a text tower"
             )
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()
@@ -38,29 +53,31 @@ class ClipScorer:
         finally:
             transformers_logging.set_verbosity(verbosity)
         if info["missing_keys"]:
-            raise InputError(f"CLIP model {name!r} lacks {len(info['missing_keys'])} weight(s), e.g. {info['missing_keys'][0]}")
+            raise InputError(
+                f"CLIP model {name!r} lacks {len(info['missing_keys'])} weight(s), e.g. {info['missing_keys'][0]}"
+            )
         self.device = torch.device(device)
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.batch_size = batch_size
         # How feature files record this model (models.encoders resolves a directory to its absolute path).
         self.name = str(Path(model_id).resolve()) if Path(model_id).is_dir() else model_id
         self.max_tokens = self.model.config.text_config.max_position_embeddings  # 77 for OpenAI's models
+        self.text_encoder = ClipTextEncoder(self.model)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """input_ids and attention_mask on the scorer's device, padded, truncated to the model's 77 tokens."""
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        return {
+            "input_ids": batch["input_ids"].to(self.device),
+            "attention_mask": batch["attention_mask"].to(self.device),
+        }
 
     @torch.no_grad()
     def text_embeddings(self, texts: list[str]) -> torch.Tensor:
         """L2-normalized text embeddings (N, D), float32, texts truncated to the model's 77 tokens."""
         rows = []
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[start : start + self.batch_size],
-                padding=True,
-                truncation=True,
-                max_length=self.max_tokens,
-                return_tensors="pt",
-            ).to(self.device)
-            output = self.model.get_text_features(**batch)
-            # transformers 5 returns the projected embedding as the output's pooler_output
-            embeds = output if isinstance(output, torch.Tensor) else output.pooler_output
+            embeds = self.text_encoder(**self.tokenize(texts[start : start + self.batch_size]))
             rows.append(F.normalize(embeds.float(), dim=-1))
         return torch.cat(rows) if rows else torch.zeros(0, self.model.config.projection_dim)
 
@@ -86,6 +103,14 @@ class ClipScorer:
         reference_s = torch.stack(best)
         total = (clip_s + reference_s).clamp(min=1e-12)  # both 0: RefCLIP-S is 0
         return clip_s, 2 * clip_s * reference_s / total
+
+
+def holds_image_embeds_of(features: FeatureFile, clip_name: str) -> bool:
+    """Whether a feature file holds the image_embeds of the CLIP model `clip_name` (resolved as ClipScorer does)."""
+    encoder = features.meta.get("encoder")
+    return (
+        isinstance(encoder, dict) and encoder.get("name") == clip_name and encoder.get("feature_type") == "image_embeds"
+    )
 
 
 def _first_line(error: Exception) -> str:

@@ -1,5 +1,6 @@
-"""Frozen image encoders (CLIP, DINOv2), each with its preprocessing: `load_encoder(name)` returns
-`(encoder, preprocess)` as OpenAI CLIP's `clip.load` does, so extraction and prediction share the pair.
+"""Frozen image encoders (CLIP, DINOv2, and train_clip.py's aligned encoders, family "aligned"), each with
+its preprocessing: `load_encoder(name)` returns `(encoder, preprocess)` as OpenAI CLIP's `clip.load`
+does, so extraction and prediction share the pair.
 
 Preprocessing is the models' reference transform, built from torchvision as OpenAI CLIP and DINOv2
 build theirs: resize the short side (bicubic), center-crop, scale to [0, 1], normalize. It equals the
@@ -22,6 +23,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import logging as transformers_logging
 
 from data.errors import InputError
+from models.aligned import AlignedImageEncoder, is_aligned_dir, load_aligned_encoder
 
 Preprocess = Callable[[Any], torch.Tensor]  # PIL.Image (RGB) -> (3, crop, crop) float32
 
@@ -51,7 +53,8 @@ FAMILY_OF_MODEL_TYPE = {
     "dinov2": "dinov2",
     "dinov2_with_registers": "dinov2",
 }
-FEATURE_TYPES = {"clip": ("image_embeds",), "dinov2": ("cls", "avg_patch", "cls_avg_patch")}
+# "aligned": a train_clip.py directory (any tower); its features are the projection head's embeddings.
+FEATURE_TYPES = {"clip": ("image_embeds",), "dinov2": ("cls", "avg_patch", "cls_avg_patch"), "aligned": ("projected",)}
 DINOV2_RESIZE_DIM = 256  # DINOv2's evaluation transform: resize to 256, crop 224
 DINOV2_CROP_DIM = 224
 MAX_IMAGE_SIDE = 4096  # a larger resize or crop is a typo, and would exhaust memory before any message
@@ -61,9 +64,9 @@ MAX_IMAGE_SIDE = 4096  # a larger resize or crop is a typo, and would exhaust me
 class EncoderSpec:
     """Everything that decides an image's feature vector; stored in feature files and checkpoints."""
 
-    family: str  # "clip" or "dinov2"
+    family: str  # "clip", "dinov2" or "aligned"
     name: str  # resolved transformers id or local directory
-    feature_type: str  # "image_embeds" (CLIP); "cls", "avg_patch" or "cls_avg_patch" (DINOv2)
+    feature_type: str  # "image_embeds" (CLIP); "cls", "avg_patch" or "cls_avg_patch" (DINOv2); "projected"
     resize_dim: int  # short side after the bicubic resize
     crop_dim: int  # side of the center crop the model sees
     mean: list[float]
@@ -77,12 +80,12 @@ class EncoderSpec:
 class ImageEncoder(nn.Module):
     """A frozen vision model that turns pixels (B, 3, H, W) into one float32 vector per image (B, D)."""
 
-    def __init__(self, model: PreTrainedModel, spec: EncoderSpec):
+    def __init__(self, model: PreTrainedModel | AlignedImageEncoder, spec: EncoderSpec):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.spec = spec
         # Register tokens (DINOv2 *_reg) sit between the CLS token and the patch tokens.
-        self.num_prefix_tokens = 1 + getattr(model.config, "num_register_tokens", 0)
+        self.num_prefix_tokens = 1 + getattr(getattr(model, "config", None), "num_register_tokens", 0)
 
     def train(self, mode: bool = True) -> "ImageEncoder":
         """Keep the frozen model in eval mode whatever mode is asked for."""
@@ -92,6 +95,8 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, crop, crop), normalized by `preprocess` -> features (B, D) float32."""
+        if self.spec.family == "aligned":
+            return self.model(pixel_values).float()  # (B, D): tower, then projection head
         if self.spec.family == "clip":
             # The projected CLS token: what OpenAI CLIP's encode_image returns (not L2-normalized).
             return self.model(pixel_values=pixel_values).image_embeds.float()  # (B, D)
@@ -203,6 +208,11 @@ def load_encoder(
     if family is not None and family not in FEATURE_TYPES:
         raise InputError(f"unknown encoder family {family!r}; choose from {', '.join(FEATURE_TYPES)}")
     model_id, family = _resolve_name(name, family)
+    if os.path.isdir(model_id) and is_aligned_dir(model_id):
+        # Either extraction script takes an aligned directory: its family is its own, whatever was asked.
+        return _load_aligned(model_id, feature_type, resize_dim, crop_dim)
+    if family == "aligned":
+        raise InputError(f"image encoder {name!r} is not a train_clip.py encoder directory (no aligned config.json)")
     config = _read_config(model_id, name)
     saved_family = FAMILY_OF_MODEL_TYPE[config.model_type]
     if family is not None and family != saved_family:
@@ -233,6 +243,26 @@ def load_encoder(
     resolved = str(Path(model_id).resolve()) if os.path.isdir(model_id) else model_id
     spec = EncoderSpec(family, resolved, feature_type, resize_dim, crop_dim, mean, std, feature_dim)
     return ImageEncoder(model, spec), build_preprocess(resize_dim, crop_dim, mean, std)
+
+
+def _load_aligned(
+    directory: str, feature_type: str | None, resize_dim: int | None, crop_dim: int | None
+) -> tuple[ImageEncoder, Preprocess]:
+    """A train_clip.py encoder directory: its recorded preprocessing, its projected features."""
+    model = load_aligned_encoder(directory)
+    config = model.config
+    if feature_type not in (None, *FEATURE_TYPES["aligned"]):
+        raise InputError(f"feature type {feature_type!r}: an aligned encoder gives 'projected' features only")
+    resize_dim = config.resize_dim if resize_dim is None else resize_dim
+    crop_dim = config.crop_dim if crop_dim is None else crop_dim
+    if crop_dim != config.crop_dim:  # a ViT tower's position embeddings, and what the head was trained on
+        raise InputError(f"crop size {crop_dim}: aligned encoder {directory!r} was trained on {config.crop_dim}-pixel crops")
+    _check_image_sizes(resize_dim, crop_dim, 1)
+    resolved = str(Path(directory).resolve())
+    spec = EncoderSpec(
+        "aligned", resolved, "projected", resize_dim, crop_dim, list(config.mean), list(config.std), config.feature_dim
+    )
+    return ImageEncoder(model, spec), build_preprocess(resize_dim, crop_dim, spec.mean, spec.std)
 
 
 def encoder_from_spec(spec: dict[str, Any]) -> tuple[ImageEncoder, Preprocess]:

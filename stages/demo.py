@@ -1,5 +1,6 @@
 """The demo's pipeline: a synthetic captioned set, tiny models saved to directories, then the stages
-run as the real scripts (parse_coco_clip.py, train.py, train.py --scst, predict.py, evaluate.py), each
+run as the real scripts (train_clip.py with --align_epochs, parse_coco_clip.py, train.py, train.py --scst,
+predict.py, evaluate.py), each
 in its own process, exactly as a user would type them; finally the model is compared with the best
 constant caption (the most common training caption given to every test image), and the SCST model
 with the cross-entropy one it started from."""
@@ -20,16 +21,19 @@ from data.errors import InputError, read_json_input
 from data.predictions import write_coco_results
 from data.references import read_predictions
 from data.synthetic import DATASET_FILE, SPLITS, attribute_accuracy, chance_levels, generate_dataset, read_scenes
-from models.tiny import save_tiny_clip, save_tiny_gpt2
+from models.tiny import save_tiny_clip, save_tiny_clip_model, save_tiny_gpt2
 from stages.evaluate import DISPLAY_NAMES
+from stages.train_clip import format_retrieval_table
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAINED_ENCODER, PRETRAINED_LM = "ViT-B/32", "gpt2"
+PRETRAINED_ALIGN_TOWER = "resnet50"  # with --pretrained, the alignment stage starts from ImageNet weights
+TINY_ALIGN_TOWER = "tiny_cnn"
 # What the demo writes under its output directory: --overwrite removes these and nothing else.
-OUTPUT_NAMES = ("synthetic", "models", "features", "run", "cache", "predictions", "metrics", "sheet_test.jpg")
+OUTPUT_NAMES = ("synthetic", "models", "align", "features", "run", "cache", "predictions", "metrics", "sheet_test.jpg")
 RUN_PREFIX, SCST_PREFIX = "demo", "demo_scst"
 SCST_COMPARISON = [(model, method) for model in ("before", "after") for method in ("greedy", "beam")]
-LEARNING_BAR = 2.0  # the model's test CIDEr must reach this multiple of the constant caption's
+LEARNING_BAR = 4.0  # the model's test CIDEr must reach this multiple of the constant caption's
 
 
 @dataclass
@@ -55,6 +59,11 @@ class DemoOptions:
     scst_epochs: int
     scst_bs: int
     scst_lr: float
+    align_epochs: int
+    align_image_size: int
+    align_bs: int
+    align_lr: float
+    align_train_text: bool
     decode: str
     metrics: list[str]
     seed: int
@@ -71,6 +80,7 @@ class DemoResult:
     constant_attributes: dict[str, float]
     sheet: Path
     scst_cider: dict[str, float] = field(default_factory=dict)  # "greedy before", ...: test CIDEr around SCST
+    retrieval: dict | None = None  # train_clip.py's retrieval.json, when the demo aligned its encoder
 
     @property
     def scst_helped(self) -> bool | None:
@@ -107,9 +117,15 @@ def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def build_tiny_models(options: DemoOptions, models_dir: Path, dataset_path: Path) -> tuple[str, str]:
-    """A CLIP-style vision tower and a GPT-2 whose BPE is trained on the training captions; their directories."""
+def build_tiny_models(options: DemoOptions, models_dir: Path, dataset_path: Path) -> tuple[str, str, str | None]:
+    """A CLIP-style vision tower, a GPT-2 and (with --align_epochs) a whole tiny CLIP whose text tower reads
+    the captions, the tokenizers trained on the training captions; their directories."""
     captions = [caption for record in read_annotations(dataset_path, "train") for caption in record.captions]
+    text_dir = None
+    if options.align_epochs > 0:  # only its text tower is used (its vision tower is the smallest there is)
+        text_dir = save_tiny_clip_model(
+            models_dir / "clip_text", captions, image_size=32, patch_size=16, projection_dim=64, seed=options.seed
+        )
     clip_dir = save_tiny_clip(
         models_dir / "clip",
         patch_size=options.clip_patch_size,
@@ -125,7 +141,7 @@ def build_tiny_models(options: DemoOptions, models_dir: Path, dataset_path: Path
         num_heads=max(1, options.lm_hidden_size // 32),
         seed=options.seed,
     )
-    return str(clip_dir), str(gpt2_dir)
+    return str(clip_dir), str(gpt2_dir), str(text_dir) if text_dir else None
 
 
 def most_common_caption(dataset_path: Path, split: str = "train") -> str:
@@ -141,10 +157,30 @@ def write_constant_predictions(dataset_path: Path, caption: str, output: Path, s
     write_coco_results(output, [(record.image_id, caption) for record in read_annotations(dataset_path, split)])
 
 
-def stage_commands(options: DemoOptions, paths: dict[str, Path], encoder: str, lm: str) -> list[tuple[str, list[str]]]:
-    """(stage name, script argv) of every stage, in order."""
+def alignment_command(options: DemoOptions, paths: dict[str, Path], tower: str, text_encoder: str) -> list[str]:
+    """train_clip.py on the synthetic training split, validated on its val split."""
+    synthetic = paths["synthetic"]
+    return [
+        *("train_clip.py", "--captions_file", str(synthetic / DATASET_FILE), "--images_dir", str(synthetic)),
+        *("--split", "train", "--val_split", "val", "--image_encoder", tower, "--text_encoder", text_encoder),
+        *(["--image_size", str(options.align_image_size)] if tower == TINY_ALIGN_TOWER else []),
+        *(["--train_text"] if options.align_train_text else []),
+        "--cache_images",  # 3000 small images: decoded once, not once an epoch
+        *("--out_dir", str(paths["align"]), "--epochs", str(options.align_epochs), "--bs", str(options.align_bs)),
+        *("--lr", str(options.align_lr), "--seed", str(options.seed), "--cache_dir", str(paths["cache"])),
+        *("--warmup_steps", "50"),  # as in the tuning runs that learned shape (README, the demo section)
+    ]
+
+
+def stage_commands(
+    options: DemoOptions, paths: dict[str, Path], encoder: str, lm: str, alignment: list[str] | None = None
+) -> list[tuple[str, list[str]]]:
+    """(stage name, script argv) of every stage, in order; with `alignment`, extraction uses its encoder."""
     synthetic, features = paths["synthetic"], paths["features"]
-    commands = [
+    if alignment is not None:
+        encoder = str(paths["align"] / "encoder")
+    commands = [("align", alignment)] if alignment is not None else []
+    commands += [
         (
             f"extract {split}",
             [
@@ -200,7 +236,14 @@ def stage_commands(options: DemoOptions, paths: dict[str, Path], encoder: str, l
             checkpoint = paths["checkpoint"] if model == "before" else paths["scst_checkpoint"]
             comparison = [
                 *("evaluate.py", "--checkpoint", str(checkpoint), "--features", str(features / "test.pkl")),
-                *("--decode", method, "--metrics", "CIDEr", "--output", str(paths["metrics"] / f"{model}_{method}.json")),
+                *(
+                    "--decode",
+                    method,
+                    "--metrics",
+                    "CIDEr",
+                    "--output",
+                    str(paths["metrics"] / f"{model}_{method}.json"),
+                ),
             ]
             commands.append((f"evaluate {method}, {model} SCST", comparison))
     return commands
@@ -239,7 +282,11 @@ def _scores(path: Path) -> dict[str, float]:
 
 def format_comparison(result: DemoResult) -> str:
     """The metrics table: the model and the constant caption side by side, x100 as papers print them."""
-    lines = [f"{'metric':<8} {'model':>8} {'constant':>9}"]
+    lines = []
+    if result.retrieval is not None:
+        lines.append("alignment (train_clip.py), validation retrieval by epoch, Recall@K in %:")
+        lines.append(format_retrieval_table(result.retrieval) + "\n")
+    lines.append(f"{'metric':<8} {'model':>8} {'constant':>9}")
     for key, value in result.model_scores.items():
         constant = result.constant_scores.get(key)
         constant_text = f"{100 * constant:9.2f}" if constant is not None else f"{'-':>9}"
@@ -266,11 +313,15 @@ def format_comparison(result: DemoResult) -> str:
 def check_options(options: DemoOptions) -> None:
     """Sizes the pipeline needs, checked before anything is written."""
     flags = {"batch_size": "--bs"}  # the flag's name where it differs from the field's
-    for name in ("num_train", "num_val", "num_test", "epochs", "eval_every", "batch_size", "scst_bs"):
+    for name in ("num_train", "num_val", "num_test", "epochs", "eval_every", "batch_size", "scst_bs", "align_bs"):
         if getattr(options, name) < 1:
             raise InputError(f"{flags.get(name, '--' + name)} must be at least 1, got {getattr(options, name)}")
     if options.scst_epochs < 0:
         raise InputError(f"--scst_epochs must be at least 0 (0: no SCST stage), got {options.scst_epochs}")
+    if options.align_epochs < 0:
+        raise InputError(
+            f"--align_epochs must be at least 0 (0: the encoder is not aligned), got {options.align_epochs}"
+        )
     if "CIDEr" not in options.metrics:
         options.metrics = [*options.metrics, "CIDEr"]  # the learning bar is a CIDEr ratio
 
@@ -280,7 +331,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
     check_options(options)
     output_dir = Path(options.output_dir).resolve()
     prepare_output_dir(output_dir, options.overwrite)
-    paths = {name: output_dir / name for name in ("synthetic", "models", "features", "run", "cache")}
+    paths = {name: output_dir / name for name in ("synthetic", "models", "align", "features", "run", "cache")}
     paths |= {"predictions": output_dir / "predictions", "metrics": output_dir / "metrics"}
     paths["sheet"] = output_dir / "sheet_test.jpg"
     paths["checkpoint"] = paths["run"] / f"{RUN_PREFIX}_best.pt"  # with --eval_every: the best validation CIDEr
@@ -296,14 +347,16 @@ def run_demo(options: DemoOptions) -> DemoResult:
     )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if options.pretrained:
-        encoder, lm = PRETRAINED_ENCODER, PRETRAINED_LM
+        encoder, lm, text_encoder, tower = PRETRAINED_ENCODER, PRETRAINED_LM, PRETRAINED_ENCODER, PRETRAINED_ALIGN_TOWER
     else:
-        print(f"\n[models] tiny CLIP vision tower and GPT-2 with random weights in {paths['models']}", flush=True)
-        encoder, lm = build_tiny_models(options, paths["models"], dataset_path)
+        print(f"\n[models] tiny CLIP towers and GPT-2 with random weights in {paths['models']}", flush=True)
+        encoder, lm, text_encoder = build_tiny_models(options, paths["models"], dataset_path)
+        tower = TINY_ALIGN_TOWER
         env["HF_HUB_OFFLINE"] = "1"  # everything is local: never wait on the hub
+    alignment = alignment_command(options, paths, tower, text_encoder) if options.align_epochs > 0 else None
     constant_caption = most_common_caption(dataset_path)
     write_constant_predictions(dataset_path, constant_caption, paths["predictions"] / "constant.json")
-    for name, argv in stage_commands(options, paths, encoder, lm):
+    for name, argv in stage_commands(options, paths, encoder, lm, alignment):
         run_stage(name, argv, env)
     scenes = read_scenes(dataset_path, "test")
     return DemoResult(
@@ -318,4 +371,5 @@ def run_demo(options: DemoOptions) -> DemoResult:
             for model, method in SCST_COMPARISON
             if options.scst_epochs > 0
         },
+        retrieval=read_json_input(paths["align"] / "retrieval.json", "retrieval file") if alignment else None,
     )

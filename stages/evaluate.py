@@ -56,6 +56,8 @@ DISPLAY_NAMES = {
     "ROUGE_L": "ROUGE-L",
     "CIDEr": "CIDEr",
     "SPICE": "SPICE",
+    "CLIP-S": "CLIP-S",
+    "RefCLIP-S": "RefCLIP-S",
 }
 JAVA_HELP = (
     "METEOR and the PTB tokenizer (used by every metric) need Java 8 or newer, and `java` is not on the PATH: "
@@ -250,10 +252,10 @@ def metrics_report(scores: Scores, predictions: dict[ImageId, str], settings: di
 
 def format_table(report: dict[str, Any]) -> str:
     """The scores x100, as papers print them, one metric a line; skipped metrics with their reason."""
-    lines = [f"{'metric':<8} {'score':>7}"]
-    lines += [f"{DISPLAY_NAMES.get(key, key):<8} {100 * value:7.2f}" for key, value in report["scores"].items()]
-    lines += [f"{DISPLAY_NAMES.get(key, key):<8} skipped: {reason}" for key, reason in report["skipped"].items()]
-    lines.append(f"{'images':<8} {report['settings']['image_count']:>7}")
+    lines = [f"{'metric':<9} {'score':>7}"]
+    lines += [f"{DISPLAY_NAMES.get(key, key):<9} {100 * value:7.2f}" for key, value in report["scores"].items()]
+    lines += [f"{DISPLAY_NAMES.get(key, key):<9} skipped: {reason}" for key, reason in report["skipped"].items()]
+    lines.append(f"{'images':<9} {report['settings']['image_count']:>7}")
     return "\n".join(lines)
 
 
@@ -324,6 +326,14 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     if (warning := describe_empty_captions(predictions, predictions_name)) is not None:
         print(warning)
     scores = score_captions({image_id: predictions[image_id] for image_id in references}, references, metrics)
+    if args.clip_score:  # imported late: the CLIP scorer and image encoding are needed only here
+        from stages.clip_metrics import clip_scores
+
+        overall, per_image = clip_scores(args, predictions, references, feature_file if args.checkpoint else None)
+        scores.overall.update(overall)
+        for image_id, image_scores in per_image.items():
+            scores.per_image[image_id].update(image_scores)
+        settings["clip_score"] = args.clip_score
     report = metrics_report(scores, predictions, settings)
     print(format_table(report))
     if settings["images_without_prediction"]:

@@ -20,7 +20,7 @@ from data.references import ImageId, references_from_features
 from data.store import read_features
 from models.captioner import ClipCaptionModel
 from models.checkpoint import load_checkpoint
-from models.clip_score import ClipScorer
+from models.clip_score import ClipScorer, holds_image_embeds_of
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_text, decode
 from models.device import autocast
@@ -85,11 +85,15 @@ class RewardScorer:
         self.cider = self.clip = None
         if "cider" in reward:
             references = references_from_features(train_file)
-            normalized = {image_id: [normalize_caption(c) for c in captions] for image_id, captions in references.items()}
+            normalized = {
+                image_id: [normalize_caption(c) for c in captions] for image_id, captions in references.items()
+            }
             self.cider = CiderD(normalized)
         if "clip" in reward:
             if not clip_model:
-                raise InputError(f"--reward {reward} needs --clip_model (a CLIP name, id or directory with both towers)")
+                raise InputError(
+                    f"--reward {reward} needs --clip_model (a CLIP name, id or directory with both towers)"
+                )
             self.clip = ClipScorer(clip_model, device)
             self.image_embeds = clip_image_embeddings(self.clip.name, train_file, data_name, clip_features)
 
@@ -112,14 +116,14 @@ def clip_image_embeddings(
     else from --clip_features, a parse_coco_clip.py file of this model over the same images."""
     if clip_features is None:
         source, source_name = train_file, data_name
-        if not _holds_image_embeds_of(train_file, clip_name):
+        if not holds_image_embeds_of(train_file, clip_name):
             raise InputError(
                 f"--data {data_name} does not hold image_embeds of {clip_name}; give --clip_features, "
                 f"a parse_coco_clip.py --clip_model_type {clip_name} file over the same images"
             )
     else:
         source, source_name = read_features(clip_features), clip_features
-        if not _holds_image_embeds_of(source, clip_name):
+        if not holds_image_embeds_of(source, clip_name):
             encoder = source.meta.get("encoder", {}) or {}
             raise InputError(
                 f"--clip_features {clip_features} holds features of {encoder.get('name', 'an unrecorded encoder')}, "
@@ -132,14 +136,7 @@ def clip_image_embeddings(
     return {image_id: source.embeddings[rows[image_id]] for image_id in train_file.image_rows()}
 
 
-def _holds_image_embeds_of(features: FeatureFile, clip_name: str) -> bool:
-    encoder = features.meta.get("encoder")
-    return isinstance(encoder, dict) and encoder.get("name") == clip_name and encoder.get("feature_type") == "image_embeds"
-
-
-def sampled_batch(
-    hypotheses: list[list], pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled_batch(hypotheses: list[list], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded tokens and their mask (N, T) of every sampled caption, image-major (EOS included)."""
     flat = [hypothesis.tokens for group in hypotheses for hypothesis in group]
     longest = max(len(tokens) for tokens in flat)
