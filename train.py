@@ -10,7 +10,7 @@ import argparse
 
 from data.errors import exit_on_input_error
 from models.captioner import ClipCaptionModel
-from models.device import PRECISIONS
+from models.device import DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from models.mappers import MAPPERS
 from stages.rewards import BASELINES, REWARDS
 from stages.scst import ScstTrainer
@@ -127,9 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="every N epochs (and the last), greedy-decode --val_data, log CIDEr and BLEU-4, keep {prefix}_best.pt (0: off)",
     )
     ours.add_argument(
-        "--precision", default="auto", choices=["auto", *PRECISIONS], help="auto: bf16 autocast on CUDA, fp32 on CPU"
+        "--precision", default="auto", choices=["auto", *PRECISIONS], help=PRECISION_HELP
     )
-    ours.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    ours.add_argument("--device", default="auto", help=DEVICE_HELP)
     ours.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     ours.add_argument(
         "--seed", type=int, default=0, help="seed of the mapper's initial weights, the data order and dropout"
