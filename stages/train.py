@@ -139,6 +139,7 @@ class Trainer:
             "batch_in_epoch": 0,
             "data": self.data_key(train_file),
             "best_cider": None,  # with --eval_every: the best validation CIDEr so far, kept in {prefix}_best.pt
+            "best_val_loss": None,  # with --val_data: the lowest validation loss so far, kept in {prefix}_best_loss.pt
         }
         self.last_saved: Path | None = None
         if checkpoint is not None:
@@ -341,11 +342,12 @@ class Trainer:
         return value.item()
 
     def end_epoch(self, epoch: int) -> None:
-        """Epoch-end work in order: validation loss, caption scores (--eval_every), then checkpoints."""
+        """Epoch-end work in order: validation loss (and its best model), caption scores (--eval_every), then checkpoints."""
         self.check_finite_weights()
         record: dict = {}
         if self.val_set is not None:
             record["val_loss"] = self.validation_loss()
+            self.keep_best_loss(epoch, record["val_loss"])
         last = epoch == self.options.epochs - 1
         if (
             self.options.eval_every > 0
@@ -385,6 +387,15 @@ class Trainer:
             self.position["best_cider"] = scores["CIDEr"]
             save_checkpoint(self.files.best, self.model, epoch=epoch, scores=scores)
         return scores
+
+    def keep_best_loss(self, epoch: int, val_loss: float) -> None:
+        """`{prefix}_best_loss.pt` when the validation loss is the lowest so far (every rank has the same loss)."""
+        best = self.position.get("best_val_loss")  # absent from runs saved before it was kept
+        if best is not None and val_loss >= best:
+            return
+        self.position["best_val_loss"] = val_loss
+        if self.context.is_main:
+            save_checkpoint(self.files.best_loss, self.model, epoch=epoch, scores={"val_loss": val_loss})
 
     @torch.no_grad()
     def validation_loss(self) -> float:

@@ -44,7 +44,8 @@ ARCHITECTURE_FIELDS = (
 
 @dataclass
 class RunFiles:
-    """Paths of one run: `{prefix}-{epoch:03d}.pt`, `{prefix}_latest.pt`, `{prefix}.json`, `{prefix}_log.jsonl`."""
+    """Paths of one run: `{prefix}-{epoch:03d}.pt`, `{prefix}_latest.pt`, `{prefix}_best.pt`, `{prefix}_best_loss.pt`,
+    `{prefix}.json`, `{prefix}_log.jsonl`."""
 
     out_dir: Path
     prefix: str
@@ -61,6 +62,10 @@ class RunFiles:
         return self.out_dir / f"{self.prefix}_best.pt"
 
     @property
+    def best_loss(self) -> Path:
+        return self.out_dir / f"{self.prefix}_best_loss.pt"
+
+    @property
     def config_json(self) -> Path:
         return self.out_dir / f"{self.prefix}.json"
 
@@ -71,7 +76,7 @@ class RunFiles:
     @property
     def fixed(self) -> list[Path]:
         """The files whose names do not change with the epoch."""
-        return [self.latest, self.best, self.config_json, self.log]
+        return [self.latest, self.best, self.best_loss, self.config_json, self.log]
 
     @property
     def lock(self) -> Path:
