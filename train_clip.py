@@ -13,6 +13,7 @@ import os
 from data.errors import exit_on_input_error
 from models.device import DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from stages.align_sides import LOCAL_TOWERS
+from stages.tracking import add_tracking_arguments
 from stages.train_clip import SCHEDULES, run_alignment
 
 
@@ -103,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("auto", *PRECISIONS),
         help=PRECISION_HELP,
     )
+    add_tracking_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -31,6 +31,7 @@ from stages.distributed import (
     main_work_group,
     wait_for_main,
 )
+from stages.tracking import make_tracker
 from stages.train_options import TrainingOptions, captioner_config, check_option_values
 from stages.train_state import (
     TRAJECTORY_OPTIONS,
@@ -92,6 +93,9 @@ class Trainer:
         self.files = RunFiles(Path(options.out_dir), options.prefix)
         inputs = {"--data": options.data, "--val_data": options.val_data, "--init_from": options.init_from}
         self.files.check_apart_from(inputs, options.epochs)
+        self.tracker = make_tracker(
+            options.wandb, options.wandb_project, options.wandb_run_name, Path(options.out_dir), context.is_main
+        )
         checkpoint = None
         if options.resume:
             source = resume_path(options.resume, options.prefix)
@@ -227,10 +231,8 @@ class Trainer:
         restore_rng_state(checkpoint["rng"], self.device, self.context)
         self.last_saved = source
 
-    def print_config(self) -> None:
-        """The resolved settings, once, from the main process."""
-        if not self.context.is_main:
-            return
+    def run_config(self) -> dict:
+        """The options, the model config and what they resolved to (printed, and given to the tracker)."""
         model = {key: value for key, value in self.config.to_dict().items() if key != "lm_config"}
         resolved = {
             "device": str(self.device),
@@ -242,7 +244,12 @@ class Trainer:
             "trainable_parameters": sum(parameter.numel() for parameter in self.trainable),
             "start": {key: value for key, value in self.position.items() if key != "data"},
         }
-        print(json.dumps({"options": asdict(self.options), "model": model, "resolved": resolved}, indent=2))
+        return {"options": asdict(self.options), "model": model, "resolved": resolved}
+
+    def print_config(self) -> None:
+        """The resolved settings, once, from the main process."""
+        if self.context.is_main:
+            print(json.dumps(self.run_config(), indent=2))
 
     def fit(self) -> ClipCaptionModel:
         """Train the remaining epochs; returns the (unwrapped) model."""
@@ -253,11 +260,14 @@ class Trainer:
         if self.context.is_main:
             save_config_json(self.files.config_json, self.config)
         resume_step = self.position["step"] if self.options.resume else None
-        self.log = StepLog(self.files.log, self.context.is_main, resume_step)
+        self.log = StepLog(self.files.log, self.context.is_main, resume_step, self.tracker)
         try:
-            for epoch in range(self.position["epoch"], self.options.epochs):
-                self.train_epoch(epoch)
-                self.end_epoch(epoch)
+            with self.tracker.session(self.run_config(), self.position):
+                for epoch in range(self.position["epoch"], self.options.epochs):
+                    self.train_epoch(epoch)
+                    self.end_epoch(epoch)
+                last = self.options.epochs - 1
+                self.tracker.log_model(self.files.epoch_checkpoint(last), self.options.prefix, {"epoch": last})
         finally:
             self.log.close()
         return self.model
@@ -372,7 +382,7 @@ class Trainer:
         options = DecodingOptions(method="greedy", max_length=min(67, context_length - self.config.prefix_length))
         from stages.evaluate import score_captioner  # late, as require_java above
 
-        scores = score_captioner(
+        scores, predictions = score_captioner(
             self.model,
             self.tokenizer,
             self.val_file,
@@ -382,6 +392,7 @@ class Trainer:
             precision=self.precision,
         )
         scores = {"CIDEr": scores["CIDEr"], "Bleu_4": scores["Bleu_4"]}
+        self.tracker.log_captions(predictions, self.val_file, step=self.position["step"])
         best = self.position["best_cider"]
         if best is None or scores["CIDEr"] > best:
             self.position["best_cider"] = scores["CIDEr"]

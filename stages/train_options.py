@@ -8,6 +8,7 @@ from data.errors import InputError
 from data.features import FeatureFile
 from models.config import CaptionerConfig
 from models.encoders import DINOV2_MODELS
+from stages.tracking import DEFAULT_PROJECT
 
 
 @dataclass
@@ -55,6 +56,10 @@ class TrainingOptions:
     clip_model: str | None = None
     clip_features: str | None = None
     clip_weight: float = 1.0
+    # --wandb (stages/tracking.py)
+    wandb: bool = False
+    wandb_project: str = DEFAULT_PROJECT
+    wandb_run_name: str | None = None
 
 
 # Flags that must be at least this; checked before anything is read or written.

@@ -19,6 +19,7 @@ from data.errors import InputError
 from models.checkpoint import read_checkpoint
 from models.config import CaptionerConfig
 from stages.distributed import DistributedContext
+from stages.tracking import Tracker
 
 # Options that decide the sequence of weights: a resumed run must keep them to reach the same weights.
 TRAJECTORY_OPTIONS = (
@@ -256,10 +257,11 @@ def lines_up_to(path: Path, step: int) -> list[str]:
 
 class StepLog:
     """The per-step JSON-lines log; only the main process writes. On resume, lines past the resumed
-    step (written after the last `_latest.pt`) are dropped, so each step appears once."""
+    step (written after the last `_latest.pt`) are dropped, so each step appears once. Every record
+    also goes to the run's tracker (W&B with --wandb)."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
-        self.handle, self.path = None, path
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, tracker: Tracker | None = None):
+        self.handle, self.path, self.tracker = None, path, tracker or Tracker()
         if not enabled:
             return
         check_output_target(path)  # appending through a link would write into another directory
@@ -271,12 +273,13 @@ class StepLog:
         self.handle = open(path, "a" if resume_step is not None else "w", buffering=1)  # closed in close()
 
     def write(self, **record: Any) -> None:
-        """One JSON line (step, epoch, and the figures of that step or epoch)."""
+        """One JSON line (step, epoch, and the figures of that step or epoch), mirrored to the tracker."""
         if self.handle is not None:
             try:
                 self.handle.write(json.dumps(record) + "\n")
             except OSError as error:  # a full disk: one line naming the log, as the atomic writers give
                 raise InputError(f"{self.path}: cannot write ({error.strerror or error})") from None
+        self.tracker.log(record)
 
     def close(self) -> None:
         if self.handle is not None:
