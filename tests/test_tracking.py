@@ -17,6 +17,7 @@ from data.errors import InputError
 from data.features import FeatureFile, write_feature_file
 from stages.tracking import RUN_ID_KEY, Tracker, make_tracker
 from stages.train import Trainer
+from tests.test_scst import scst_args
 from tests.test_train_clip import align_args, synthetic  # noqa: F401 (synthetic is a fixture)
 from tests.test_training import CAPTIONS, FEATURE_DIM, Interrupted, train_args, write_features
 
@@ -157,6 +158,21 @@ def test_train_logs_an_offline_run_and_resume_continues_it(tmp_path, tiny_gpt2_d
             assert image.size == (256, 192)  # a thumbnail of the 400x300 image
     models = [artifact for run in (crashed, resumed) for artifact in run["artifacts"] if artifact["type"] == "model"]
     assert [(model["name"], list(model["files"])) for model in models] == [("coco_prefix", ["coco_prefix-001.pt"])]
+
+
+def test_scst_logs_its_figures_and_keeps_both_best_models(tmp_path, tiny_gpt2_dir, offline_wandb):
+    data = write_features(tmp_path / "train.pkl", [[text] for text in CAPTIONS[:4]])
+    train.main(train.parse_args(train_args(data, tmp_path / "ce", tiny_gpt2_dir, "--epochs", "1")))
+    out_dir = tmp_path / "scst"
+    args = scst_args(data, tmp_path / "ce" / "coco_prefix-000.pt", out_dir, "--epochs", "1", "--max_length", "4")
+    train.main(
+        train.parse_args([*args, "--val_data", str(captioned_val_file(tmp_path)), "--eval_every", "1", "--wandb"])
+    )
+    (logged,) = offline_runs(out_dir)
+    assert {"loss", "lr", "samples_per_s", "reward", "baseline", "sample_length"} <= logged["history"][1].keys()
+    assert {"val_loss", "CIDEr", "Bleu_4", "val_captions/_type"} <= logged["history"][1].keys()
+    assert [artifact["name"] for artifact in logged["artifacts"] if artifact["type"] == "model"] == ["scst"]
+    assert (out_dir / "scst_best.pt").is_file() and (out_dir / "scst_best_loss.pt").is_file()
 
 
 def test_train_clip_logs_an_offline_run(synthetic, tmp_path, offline_wandb):  # noqa: F811 (the fixture)
