@@ -16,6 +16,7 @@ from models.captioner import is_cross_attention_weight
 from models.checkpoint import load_checkpoint, load_lm, load_tokenizer, read_checkpoint
 from models.decoding import DecodingOptions, caption_features
 from stages.train import Trainer
+from tests.test_scst import scst_args
 from tests.test_training import CAPTIONS, read_log
 
 FEATURE_DIM, NUM_TOKENS = 16, 5
@@ -146,3 +147,17 @@ def test_features_and_mapping_type_must_agree(tmp_path, tiny_gpt2_dir, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(xattn_args(patch_tokens, tmp_path / "c", tiny_gpt2_dir, "--prefix_length", "4"))
     assert "--prefix_length: --mapping_type xattn has no prefix mapper" in capsys.readouterr().err
+
+
+def test_scst_fine_tunes_a_frozen_xattn_model(tmp_path, tiny_gpt2_dir):
+    references = [[text, CAPTIONS[(row + 1) % len(CAPTIONS)]] for row, text in enumerate(CAPTIONS)]
+    data = write_patch_tokens(tmp_path / "train.pkl", references)
+    ce_dir = tmp_path / "ce"
+    train.main(train.parse_args(xattn_args(data, ce_dir, tiny_gpt2_dir, "--epochs", "2", "--only_prefix")))
+    initial = load_checkpoint(ce_dir / "coco_prefix-001.pt")
+    model = train.main(train.parse_args(scst_args(data, ce_dir / "coco_prefix-001.pt", tmp_path / "run", "--epochs", "1")))
+    assert model.config.cross_attention and model.lm_frozen
+    saved = read_checkpoint(tmp_path / "run" / "scst-000.pt")["model"]
+    changed = [name for name, tensor in initial.state_dict().items() if name in saved and not torch.equal(saved[name], tensor)]
+    assert any(is_cross_attention_weight(name) for name in changed)  # the new layers learned
+    assert all(name.startswith("clip_project.") or is_cross_attention_weight(name) for name in changed)
