@@ -36,14 +36,6 @@ class Conditioning:
     prefix: torch.Tensor  # (B, P, E): LM input embeddings before the caption (xattn: P = 1, the start)
     cross_states: torch.Tensor | None = None  # (B, T, E): what cross-attention attends to (xattn only)
 
-    def __len__(self) -> int:
-        return self.prefix.shape[0]
-
-    def rows(self, index: torch.Tensor | slice) -> "Conditioning":
-        """The conditioning of rows `index` (a slice, selection, reordering or repetition of images)."""
-        states = self.cross_states[index] if self.cross_states is not None else None
-        return Conditioning(self.prefix[index], states)
-
 
 def lm_embedding_width(lm: PreTrainedModel) -> int:
     """The LM's input embedding width, from the model itself rather than a guess."""

@@ -9,6 +9,7 @@ import torch
 
 from bench.clipcap_decode import generate2, generate_beam
 from data.errors import InputError
+from models.captioner import Conditioning
 from models.checkpoint import build_captioner, load_lm, load_tokenizer
 from models.config import CaptionerConfig
 from models.decoding import (
@@ -70,6 +71,12 @@ def prefix(captioner, features):
         return captioner.condition(features)
 
 
+def images(conditioning, start, stop):
+    """The conditioning of images start..stop-1 alone."""
+    states = conditioning.cross_states
+    return Conditioning(conditioning.prefix[start:stop], states[start:stop] if states is not None else None)
+
+
 def needs_a_prefix(captioner):
     if captioner.config.cross_attention:
         pytest.skip("ClipCap's own search continues a prefix; it has no cross-attention")
@@ -106,7 +113,7 @@ def test_cached_equals_full_recomputation(captioner, prefix, tokenizer, options)
 @pytest.mark.parametrize("options", [{"method": "greedy"}, {"method": "beam", "num_captions": 5}])
 def test_batched_equals_one_by_one(captioner, prefix, tokenizer, options):
     batched = run(captioner, prefix, tokenizer, **options)
-    one_by_one = [run(captioner, prefix.rows(slice(i, i + 1)), tokenizer, **options)[0] for i in range(NUM_IMAGES)]
+    one_by_one = [run(captioner, images(prefix, i, i + 1), tokenizer, **options)[0] for i in range(NUM_IMAGES)]
     assert token_lists(batched) == token_lists(one_by_one)
 
 
@@ -170,8 +177,8 @@ def test_stops_at_eos_and_at_stop_token(captioner, prefix, tokenizer):
     # Whichever token comes third, making it the EOS (or a stop token) ends the caption there.
     ending = first[2]
     ends_at = first.index(ending) + 1
-    as_eos = decode(captioner, prefix.rows(slice(0, 1)), ending, DecodingOptions(method="greedy", max_length=10))
-    as_stop = decode(captioner, prefix.rows(slice(0, 1)), never, DecodingOptions(method="greedy", max_length=10), (ending,))
+    as_eos = decode(captioner, images(prefix, 0, 1), ending, DecodingOptions(method="greedy", max_length=10))
+    as_stop = decode(captioner, images(prefix, 0, 1), never, DecodingOptions(method="greedy", max_length=10), (ending,))
     assert as_eos[0][0].tokens == first[:ends_at]
     assert as_stop[0][0].tokens == first[:ends_at]
 
@@ -214,7 +221,7 @@ def test_temperature_changes_the_distribution(captioner, prefix, tokenizer):
     def first_tokens(temperature):
         groups = run(
             captioner,
-            prefix.rows(slice(0, 1)),
+            images(prefix, 0, 1),
             tokenizer,
             method="sample",
             num_captions=600,
