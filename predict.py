@@ -10,7 +10,7 @@ import argparse
 
 from data.errors import exit_on_input_error
 from models.decoding import add_decoding_args
-from models.mappers import MAPPERS
+from models.mappers import PREFIX_MAPPERS
 from stages.predict import run_prediction
 
 # The settings an original ClipCap state dict cannot tell by itself, and their defaults.
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     clipcap.add_argument("--weights", help="a bare ClipCap state dict, e.g. coco_weights.pt")
     # Defaults None: a flag given with --checkpoint is refused, not silently ignored; the real defaults
     # are filled in after that check (WEIGHTS_DEFAULTS).
-    clipcap.add_argument("--mapping_type", choices=sorted(MAPPERS), help="the weights' mapper (default: mlp)")
+    clipcap.add_argument("--mapping_type", choices=PREFIX_MAPPERS, help="the weights' mapper (default: mlp)")
     clipcap.add_argument("--prefix_length", type=int, help="the weights' prefix length (default: 10)")
     clipcap.add_argument("--prefix_length_clip", type=int, help="transformer mapper: feature tokens (default: 10)")
     clipcap.add_argument("--num_layers", type=int, help="transformer mapper: layers (default: 8)")

@@ -39,7 +39,7 @@ class FeatureFile:
 
     @property
     def feature_dim(self) -> int:
-        return self.embeddings.shape[1]
+        return self.embeddings.shape[-1]
 
     def embeddings_digest(self) -> str:
         """A short hash of the feature values, to tell two files with the same captions apart."""
@@ -190,7 +190,7 @@ def _as_tensor(value: Any) -> torch.Tensor | None:
 
 def nonfinite_rows(embeddings: torch.Tensor) -> list[int]:
     """Rows holding NaN or infinity (a broken encoder pass), in order."""
-    return torch.nonzero(~torch.isfinite(embeddings).all(dim=1)).flatten().tolist()
+    return torch.nonzero(~torch.isfinite(embeddings).flatten(1).all(dim=1)).flatten().tolist()
 
 
 def _check_embeddings(path: str | os.PathLike, embeddings: torch.Tensor) -> None:
@@ -212,7 +212,7 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
     if missing:
         raise InputError(f"{path}: missing key(s) {', '.join(repr(key) for key in missing)}")
     embeddings = _as_tensor(content[FEATURES_KEY])
-    if embeddings is None or embeddings.dim() != 2 or embeddings.is_complex():
+    if embeddings is None or embeddings.dim() not in (2, 3) or embeddings.is_complex():
         raise InputError(f"{path}: '{FEATURES_KEY}' must be a 2-D real tensor (images x features)")
     embeddings = embeddings.float().contiguous()
     _check_embeddings(path, embeddings)

@@ -106,11 +106,22 @@ def captioner_config(options: TrainingOptions, features: FeatureFile) -> Caption
             raise InputError(
                 f"--dino_model_type {options.dino_model_type}, but {options.data} holds features of {encoder.get('name')}"
             )
+    row_dims = len(features.embeddings.shape) - 1
+    if options.mapping_type == "xattn" and row_dims != 2:
+        raise InputError(
+            f"--mapping_type xattn attends to patch tokens, but {options.data} holds one vector per image; "
+            "extract with --feature_type patch_tokens"
+        )
+    if options.mapping_type != "xattn" and row_dims != 1:
+        raise InputError(
+            f"--mapping_type {options.mapping_type} maps one vector per image, but {options.data} holds patch "
+            "tokens; use --mapping_type xattn"
+        )
     # A directory is recorded absolute, so the checkpoint loads from any working directory.
     lm_name = str(Path(options.gpt2).resolve()) if Path(options.gpt2).is_dir() else options.gpt2
     return CaptionerConfig(
         feature_dim=features.feature_dim,
-        prefix_length=options.prefix_length,
+        prefix_length=1 if options.mapping_type == "xattn" else options.prefix_length,  # xattn: the start embedding
         prefix_length_clip=options.prefix_length_clip,
         mapping_type=options.mapping_type,
         num_layers=options.num_layers,
