@@ -60,7 +60,6 @@ FEATURE_TYPES = {
     "dinov2": ("cls", "avg_patch", "cls_avg_patch", "patch_tokens"),
     "aligned": ("projected",),
 }
-TOKEN_FEATURE_TYPES = ("patch_tokens",)  # one (T, D) matrix per image instead of one (D,) vector
 DINOV2_RESIZE_DIM = 256  # DINOv2's evaluation transform: resize to 256, crop 224
 DINOV2_CROP_DIM = 224
 MAX_IMAGE_SIDE = 4096  # a larger resize or crop is a typo, and would exhaust memory before any message
@@ -103,7 +102,8 @@ class ImageEncoder(nn.Module):
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels (B, 3, crop, crop), normalized by `preprocess` -> features (B, D) float32."""
+        """Pixels (B, 3, crop, crop), normalized by `preprocess` -> features (B, D), or (B, T, D) for
+        patch_tokens, float32."""
         if self.spec.family == "aligned":
             return self.model(pixel_values).float()  # (B, D): tower, then projection head
         if self.spec.feature_type == "patch_tokens" and self.spec.family == "clip":
@@ -127,7 +127,7 @@ class ImageEncoder(nn.Module):
 
 def _row_shape(model: PreTrainedModel | AlignedImageEncoder, spec: EncoderSpec) -> tuple[int, ...]:
     """One image's feature shape: (D,), or (T, D) for patch_tokens with T = 1 + (crop // patch)^2."""
-    if spec.feature_type not in TOKEN_FEATURE_TYPES:
+    if spec.feature_type != "patch_tokens":
         return (spec.feature_dim,)
     patches_per_side = spec.crop_dim // model.config.patch_size  # the patch embedding's stride drops the rest
     return (1 + patches_per_side**2, spec.feature_dim)
@@ -276,7 +276,7 @@ def _load_aligned(
     """A train_clip.py encoder directory: its recorded preprocessing, its projected features."""
     model = load_aligned_encoder(directory)
     config = model.config
-    if feature_type in TOKEN_FEATURE_TYPES:
+    if feature_type == "patch_tokens":
         raise InputError(
             f"{directory}: an aligned encoder (train_clip.py) gives projected embeddings only, not {feature_type}"
         )
