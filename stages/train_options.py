@@ -106,13 +106,12 @@ def captioner_config(options: TrainingOptions, features: FeatureFile) -> Caption
             raise InputError(
                 f"--dino_model_type {options.dino_model_type}, but {options.data} holds features of {encoder.get('name')}"
             )
-    row_dims = len(features.embeddings.shape) - 1
-    if options.mapping_type == "xattn" and row_dims != 2:
+    if options.mapping_type == "xattn" and features.token_count is None:
         raise InputError(
             f"--mapping_type xattn attends to patch tokens, but {options.data} holds one vector per image; "
             "extract with --feature_type patch_tokens"
         )
-    if options.mapping_type != "xattn" and row_dims != 1:
+    if options.mapping_type != "xattn" and features.token_count is not None:
         raise InputError(
             f"--mapping_type {options.mapping_type} maps one vector per image, but {options.data} holds patch "
             "tokens; use --mapping_type xattn"

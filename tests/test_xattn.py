@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import evaluate
+import parse_coco_clip
 import predict
 import train
 from data.errors import InputError
@@ -16,6 +17,8 @@ from models.captioner import is_cross_attention_weight
 from models.checkpoint import load_checkpoint, load_lm, load_tokenizer, read_checkpoint
 from models.decoding import DecodingOptions, caption_features
 from stages.train import Trainer
+from tests.test_extraction import write_image
+from tests.test_patch_tokens import folder_args
 from tests.test_scst import scst_args
 from tests.test_training import CAPTIONS, read_log
 
@@ -161,3 +164,45 @@ def test_scst_fine_tunes_a_frozen_xattn_model(tmp_path, tiny_gpt2_dir):
     changed = [name for name, tensor in initial.state_dict().items() if name in saved and not torch.equal(saved[name], tensor)]
     assert any(is_cross_attention_weight(name) for name in changed)  # the new layers learned
     assert all(name.startswith("clip_project.") or is_cross_attention_weight(name) for name in changed)
+
+
+def test_patch_tokens_to_captions_through_every_script(tmp_path, tiny_clip_dir, tiny_gpt2_dir, capsys):
+    """parse_coco_clip.py --feature_type patch_tokens (store) -> train.py xattn -> predict.py on the
+    images -> evaluate.py --checkpoint: the same captions from the images as from their features."""
+    paths = {"images_dir": tmp_path / "images", "captions_file": tmp_path / "dataset.json"}
+    paths["images_dir"].mkdir()
+    entries = []
+    texts = [CAPTIONS[row] for row in (0, 1, 6, 7)]  # the shorter ones: a few steps learn them
+    for number, text in enumerate(texts):
+        write_image(paths["images_dir"] / f"img{number}.jpg", "rgb", seed=number + 1)
+        entries.append({"filename": f"img{number}.jpg", "split": "test", "cocoid": number, "sentences": [{"raw": text}] * 4})
+    paths["captions_file"].write_text(json.dumps({"images": entries}))
+    store = tmp_path / "tokens"
+    extraction = folder_args(paths, store, "--feature_type", "patch_tokens", "--output_format", "shards")
+    extraction[extraction.index("train")] = "test"
+    parse_coco_clip.main(parse_coco_clip.parse_args(["--clip_model_type", str(tiny_clip_dir), *extraction]))
+    features = read_features(store)
+    assert features.token_count == 50
+    assert json.loads((store / "meta.json").read_text())["store"]["feature_dtype"] == "fp16"  # the default for tokens
+
+    out_dir = tmp_path / "run"
+    train.main(train.parse_args(xattn_args(store, out_dir, tiny_gpt2_dir, "--epochs", "16", "--bs", "4")))
+    checkpoint = out_dir / "coco_prefix-015.pt"
+    assert load_checkpoint(checkpoint).config.encoder["feature_type"] == "patch_tokens"
+
+    from_features, from_images = tmp_path / "from_features.json", tmp_path / "from_images.json"
+    common = ["--checkpoint", str(checkpoint), "--decode", "greedy", "--device", "cpu"]
+    predict.main(predict.parse_args(["--features", str(store), *common, "--output", str(from_features)]))
+    predict.main(predict.parse_args([str(paths["images_dir"]), *common, "--output", str(from_images)]))
+    by_features = {p["image_id"]: p["caption"] for p in json.loads(from_features.read_text())}
+    by_images = {p["image_id"]: p["caption"] for p in json.loads(from_images.read_text())}
+    assert by_features == {number: " ".join(text.split()) for number, text in enumerate(texts)}
+    assert set(by_images.values()) == set(by_features.values())  # images re-encoded the same way (ids: file names)
+
+    metrics = evaluate.main(
+        evaluate.parse_args(
+            [*common, "--features", str(store), "--references", str(paths["captions_file"]), "--split", "test",
+             "--metrics", "Bleu", "CIDEr", "--output", str(tmp_path / "metrics.json")]
+        )  # fmt: skip
+    )
+    assert metrics["scores"]["Bleu_4"] > 0.99
