@@ -16,6 +16,7 @@ from models.captioner import ClipCaptionModel
 from models.checkpoint import captioner_tokenizer, first_line, load_checkpoint, read_checkpoint
 from models.hf_export import (
     CONFIG_FILE,
+    ENCODER_DIR,
     MODEL_TYPE,
     PREPROCESSOR_FILE,
     WEIGHTS_FILE,
@@ -27,6 +28,7 @@ from stages.train_options import TrainingOptions
 from stages.train_state import RunFiles
 
 CARD_FILE = "README.md"
+CARD_SKIPS_CONFIG = ("lm_name", "lm_config", "lm_in_checkpoint", "encoder")  # shown in words, or too long
 
 
 def check_export_target(
@@ -66,13 +68,12 @@ def model_card(model: ClipCaptionModel, training: dict[str, Any], checkpoint: Pa
     """README.md of an export: what the model is, how to caption with it, its training setup (from the
     checkpoint's config), and the scores the checkpoint stores, or that it stores none."""
     config, lm = model.config, model.gpt.config
-    encoder = config.encoder
+    encoder, source = config.encoder, bundled_encoder_source(config)
     lm_parameters = sum(parameter.numel() for parameter in model.gpt.parameters())
     mapper_parameters = sum(parameter.numel() for parameter in model.clip_project.parameters())
     lm_state = "frozen (`--only_prefix`: only the mapper was trained)" if not config.lm_in_checkpoint else "fine-tuned"
     if encoder:
-        source = bundled_encoder_source(config)
-        where = f"bundled in `encoder/{Path(source).name}`" if source else "loaded by its hub id"
+        where = f"bundled in `{ENCODER_DIR}/{Path(source).name}`" if source else "loaded by its hub id"
         encoder_line = (
             f"{_local_name(encoder['name'])} ({encoder['family']}, {encoder['feature_type']} features), {where}"
         )
@@ -83,22 +84,17 @@ def model_card(model: ClipCaptionModel, training: dict[str, Any], checkpoint: Pa
     else:
         encoder_line = "not recorded (the features came from a file without meta): caption feature files only"
         preprocessing = "not recorded"
+    # Every scalar setting of the config by its name, so a mapper's own settings show whatever its type.
+    settings = {name: value for name, value in config.to_dict().items() if name not in CARD_SKIPS_CONFIG}
     setup = [
         ("image encoder", encoder_line),
         ("preprocessing", preprocessing),
-        ("feature width", str(config.feature_dim)),
-        ("mapper", f"`{config.mapping_type}`, {mapper_parameters:,} parameters"),
-        ("prefix length", str(config.prefix_length)),
-        *(
-            [("feature tokens, layers", f"{config.prefix_length_clip}, {config.num_layers}")]
-            if config.mapping_type == "transformer"
-            else []
-        ),
-        ("normalize prefix", str(config.normalize_prefix)),
         (
             "language model",
             f"{_local_name(config.lm_name)} ({lm.model_type}, {lm_parameters:,} parameters), {lm_state}",
         ),
+        ("mapper parameters", f"{mapper_parameters:,}"),
+        *[(f"`{name}`", str(value)) for name, value in settings.items()],
         ("epoch", str(training.get("epoch", "not recorded"))),
     ]
     scores = training.get("scores")
@@ -159,11 +155,7 @@ def model_card(model: ClipCaptionModel, training: dict[str, Any], checkpoint: Pa
         "layer is stored once, as the embeddings",
         "- the tokenizer files, as `save_pretrained` writes them",
         f"- `{PREPROCESSOR_FILE}`: the image preprocessing as CLIPImageProcessor settings",
-        *(
-            ["- `encoder/`: the image encoder's weights and config"]
-            if encoder and bundled_encoder_source(config)
-            else []
-        ),
+        *([f"- `{ENCODER_DIR}/`: the image encoder's weights and config"] if source else []),
         "",
     ]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPImageProcessor, GPT2Config, GPT2LMHeadModel
 
+import evaluate
 import export
 import predict
 import train
@@ -90,6 +91,12 @@ def predicted(capsys, *args: str) -> list[str]:
     return capsys.readouterr().out.splitlines()
 
 
+def evaluated(checkpoint: Path, features: Path) -> dict[str, float]:
+    """evaluate.py's CIDEr and BLEU of the checkpoint's greedy captions of the feature file."""
+    flags = ["--checkpoint", str(checkpoint), "--features", str(features), "--metrics", "Bleu", "CIDEr", *GREEDY]
+    return evaluate.main(evaluate.parse_args([*flags, "--device", "cpu"]))["scores"]
+
+
 def safetensors_state(directory: Path) -> dict[str, torch.Tensor]:
     with safe_open(directory / WEIGHTS_FILE, framework="pt") as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}
@@ -144,6 +151,7 @@ def test_an_export_captions_as_its_checkpoint_on_another_machine(tmp_path, tiny_
         expected[name] = from_checkpoint
     from_images = predicted(capsys, *map(str, images), "--checkpoint", str(checkpoint), *BEAM)
     assert predicted(capsys, *map(str, images), "--checkpoint", str(export_dir), *BEAM) == from_images
+    scored = evaluated(checkpoint, features)
 
     # Another machine: the export copied elsewhere, the checkpoint, LM, encoder and first export gone, offline.
     moved = shutil.copytree(export_dir, tmp_path / "elsewhere" / "captioner")
@@ -159,6 +167,7 @@ def test_an_export_captions_as_its_checkpoint_on_another_machine(tmp_path, tiny_
     assert "model of type" not in result.stderr  # transformers did not read the captioner's config as the LM's
     for name, decoding in (("greedy", GREEDY), ("beam", BEAM)):
         assert predicted(capsys, "--features", str(features), "--checkpoint", str(moved), *decoding) == expected[name]
+    assert evaluated(moved, features) == scored  # evaluate.py --checkpoint takes the directory too
 
 
 def test_an_only_prefix_checkpoint_exports_the_whole_lm(tmp_path, tiny_gpt2_dir):
