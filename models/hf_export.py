@@ -31,7 +31,7 @@ from models.encoders import encoder_from_spec, save_encoder
 
 MODEL_TYPE = "clipcap_plus_captioner"  # config.json's model_type: what tells an export from other directories
 ARCHITECTURES = ["ClipCaptionModel"]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a directory of another version is refused, not misread
 CONFIG_FILE, WEIGHTS_FILE, PREPROCESSOR_FILE = "config.json", "model.safetensors", "preprocessor_config.json"
 ENCODER_DIR = "encoder"
 # config.json's keys beside the CaptionerConfig fields.
@@ -126,6 +126,8 @@ def read_export_config(directory: Path) -> CaptionerConfig:
     values = read_json_input(path, "export config")
     if not isinstance(values, dict) or values.get("model_type") != MODEL_TYPE:
         raise InputError(f"{path}: not an export of this repo (its model_type is not {MODEL_TYPE!r})")
+    if values.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path}: export format {values.get('format_version')!r}; this version reads {FORMAT_VERSION}")
     config = CaptionerConfig.from_dict(
         {key: value for key, value in values.items() if key not in EXPORT_KEYS}, str(path)
     )

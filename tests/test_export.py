@@ -2,6 +2,7 @@
 and beam, images and feature files), alone on "another machine" once the originals are gone; an
 --only_prefix checkpoint exports the whole LM; the model card; refused outputs; pushing offline."""
 
+import errno
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from transformers import CLIPImageProcessor, GPT2Config, GPT2LMHeadModel
 import evaluate
 import export
 import predict
+import stages.export
 import train
 from data.errors import InputError
 from data.features import FeatureFile, write_feature_file
@@ -205,6 +207,22 @@ def checkpoint(tmp_path, tiny_gpt2_dir):
     return path
 
 
+def test_a_failed_export_leaves_the_earlier_one_whole(tmp_path, checkpoint, monkeypatch):
+    out_dir = tmp_path / "export"
+    export.main(export.parse_args([str(checkpoint), str(out_dir)]))
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir() if path.is_file()}
+
+    def disk_full(directory, model, tokenizer):
+        (directory / "config.json").write_text("{}")  # half-written when the disk fills
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stages.export, "save_export", disk_full)
+    with pytest.raises(InputError, match="cannot write \\(No space left on device\\); the previous one is unchanged"):
+        export.main(export.parse_args([str(checkpoint), str(out_dir), "--overwrite"]))
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir() if path.is_file()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export", "model-000.pt"]  # no temporaries left
+
+
 def test_outputs_that_exist_or_touch_an_input_are_refused(tmp_path, checkpoint, tiny_gpt2_dir):
     out_dir = tmp_path / "export"
     export.main(export.parse_args([str(checkpoint), str(out_dir)]))
@@ -306,6 +324,10 @@ def test_damaged_exports_are_one_line(tmp_path, checkpoint):
         load_captioner(out_dir)
     (out_dir / WEIGHTS_FILE).write_bytes(b"not safetensors")
     with pytest.raises(InputError, match="cannot read the weights"):
+        load_captioner(out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    (out_dir / "config.json").write_text(json.dumps({**config, "format_version": 2}))
+    with pytest.raises(InputError, match="export format 2; this version reads 1"):
         load_captioner(out_dir)
     (out_dir / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(InputError, match="not an export of this repo"):
