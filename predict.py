@@ -3,6 +3,7 @@
 python predict.py photo.jpg more_photos/ "shots/*.png" --checkpoint out/coco-009.pt
 python predict.py val2014/ --checkpoint out/coco-009.pt --output preds.json --sheet sheet.png
 python predict.py --features coco_val.pkl --checkpoint out/coco-009.pt --output preds.json
+python predict.py photo.jpg --checkpoint exports/coco_mlp                  # a directory written by export.py
 python predict.py photo.jpg --weights coco_weights.pt --mapping_type mlp --prefix_length 10 --gpt2 gpt2
 """
 
@@ -28,7 +29,7 @@ WEIGHTS_DEFAULTS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR_OR_GLOB", help="image files, directories, globs")
-    parser.add_argument("--checkpoint", help="a checkpoint written by train.py (its config names the encoder)")
+    parser.add_argument("--checkpoint", help="a checkpoint written by train.py, or a directory written by export.py (its config names the encoder)")
     parser.add_argument("--features", help="caption this feature file or store directory (one caption per image row) instead of images")
     parser.add_argument("--output", help="write COCO results [{image_id, caption}] (the best caption) to this JSON")
     parser.add_argument("--sheet", help="draw the images with their captions into this picture (e.g. sheet.png)")

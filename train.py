@@ -171,6 +171,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2000,
         help="captions longer than this many characters are dropped (and counted) before tokenizing",
     )
+    ours.add_argument(
+        "--export_hf",
+        metavar="OUT_DIR",
+        help="after training, export the final epoch's checkpoint to this directory as export.py does (checked at "
+        "start: a new directory, or an earlier export with --overwrite)",
+    )
+    ours.add_argument(
+        "--push_to_hub", metavar="REPO_ID", help="with --export_hf: then upload the export to this hub model repository"
+    )
     scst = parser.add_argument_group("SCST: self-critical fine-tuning of a train.py checkpoint (Stage 2b)")
     scst.add_argument("--scst", action="store_true", help="fine-tune --init_from by SCST instead of cross-entropy")
     scst.add_argument("--init_from", help="the train.py checkpoint to start from: its config decides the model")
@@ -196,6 +205,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, default in {**MODEL_DEFAULTS, **SCST_DEFAULTS}.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if args.push_to_hub and not args.export_hf:
+        parser.error("--push_to_hub uploads the --export_hf directory: give --export_hf too")
     if args.warmup_steps is None:
         args.warmup_steps = WARMUP_STEPS[args.scst]
     return args

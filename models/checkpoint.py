@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as transformers_logging
 
 from data.atomic import torch_save_atomic, write_json_atomic
@@ -45,10 +52,11 @@ def load_lm(name: str, cross_attention: bool = False) -> PreTrainedModel:
     return lm
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """The LM's tokenizer, by id or directory; a pad token is set to EOS (padding is masked anyway)."""
+def load_tokenizer(name: str, lm_config: PretrainedConfig | None = None) -> PreTrainedTokenizerBase:
+    """The LM's tokenizer, by id or directory; a pad token is set to EOS (padding is masked anyway).
+    `lm_config`, when given, is the LM's config, so the config.json beside the tokenizer is not read."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, config=lm_config)
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load tokenizer {name!r}: {first_line(error)}") from None
     if len(tokenizer) < MIN_VOCABULARY:
@@ -61,6 +69,12 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def captioner_tokenizer(model: ClipCaptionModel) -> PreTrainedTokenizerBase:
+    """The tokenizer of a loaded captioner, from its lm_name. Its LM's config is passed along: in an export
+    directory the config.json beside the tokenizer is the captioner's, which transformers does not know."""
+    return load_tokenizer(model.config.lm_name, model.gpt.config)
 
 
 def lm_from_config(lm_config: dict[str, Any]) -> PreTrainedModel:

@@ -23,7 +23,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import logging as transformers_logging
 
 from data.errors import InputError
-from models.aligned import AlignedImageEncoder, is_aligned_dir, load_aligned_encoder
+from models.aligned import AlignedImageEncoder, is_aligned_dir, load_aligned_encoder, save_aligned_encoder
 
 Preprocess = Callable[[Any], torch.Tensor]  # PIL.Image (RGB) -> (3, crop, crop) float32
 
@@ -292,6 +292,17 @@ def _load_aligned(
         "aligned", resolved, "projected", resize_dim, crop_dim, list(config.mean), list(config.std), config.feature_dim
     )
     return ImageEncoder(model, spec), build_preprocess(resize_dim, crop_dim, spec.mean, spec.std)
+
+
+def save_encoder(encoder: ImageEncoder, directory: str | os.PathLike) -> Path:
+    """Save the encoder's weights (safetensors) and config to `directory`, which `load_encoder` opens by path
+    like the original: an aligned encoder as train_clip.py writes it, a CLIP or DINOv2 model as
+    `save_pretrained` does (a whole CLIP keeps only the vision tower and projection it encodes with)."""
+    directory = Path(directory)
+    if isinstance(encoder.model, AlignedImageEncoder):
+        return save_aligned_encoder(directory, encoder.model)
+    encoder.model.save_pretrained(directory)
+    return directory
 
 
 def encoder_from_spec(spec: dict[str, Any]) -> tuple[ImageEncoder, Preprocess]:

@@ -55,6 +55,9 @@ class TrainingOptions:
     clip_model: str | None = None
     clip_features: str | None = None
     clip_weight: float = 1.0
+    # --export_hf (stages/export.py)
+    export_hf: str | None = None
+    push_to_hub: str | None = None
 
 
 # Flags that must be at least this; checked before anything is read or written.
