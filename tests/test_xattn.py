@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import evaluate
+import export
 import parse_coco_clip
 import predict
 import train
@@ -16,6 +17,7 @@ from data.store import read_features
 from models.captioner import is_cross_attention_weight
 from models.checkpoint import load_checkpoint, load_lm, load_tokenizer, read_checkpoint
 from models.decoding import DecodingOptions, caption_features
+from models.hf_export import load_captioner
 from stages.train import Trainer
 from tests.test_extraction import write_image
 from tests.test_patch_tokens import folder_args
@@ -206,3 +208,19 @@ def test_patch_tokens_to_captions_through_every_script(tmp_path, tiny_clip_dir, 
         )  # fmt: skip
     )
     assert metrics["scores"]["Bleu_4"] > 0.99
+
+
+def test_an_exported_xattn_model_captions_as_its_checkpoint(trained, tmp_path):
+    data, out_dir = trained
+    checkpoint, exported = out_dir / "coco_prefix-015.pt", tmp_path / "export"
+    export.main(export.parse_args([str(checkpoint), str(exported)]))
+    outputs = {}
+    for name, source in (("pt", checkpoint), ("dir", exported)):
+        outputs[name] = tmp_path / f"{name}.json"
+        predict.main(
+            predict.parse_args(
+                ["--features", str(data), "--checkpoint", str(source), "--decode", "beam", "--output", str(outputs[name])]
+            )
+        )
+    assert json.loads(outputs["pt"].read_text()) == json.loads(outputs["dir"].read_text())
+    assert load_captioner(exported).config.cross_attention
