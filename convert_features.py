@@ -17,9 +17,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("output", help="the store directory (new or empty) or the pickle file to write")
     parser.add_argument(
         "--feature_dtype",
-        default="fp32",
+        default=None,
         choices=tuple(FEATURE_DTYPES),
-        help="pickle -> store: the shards' float type; fp16 halves the size (default: %(default)s)",
+        help="pickle -> store: the shards' float type; fp16 halves the size (default: fp32, fp16 for token "
+        "features such as patch_tokens)",
     )
     parser.add_argument(
         "--rows_per_shard",

@@ -1,6 +1,6 @@
 """Score captions with the COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE with --spice).
 
-Caption a feature file with a checkpoint and score against the file's own captions:
+Caption a feature file with a checkpoint (or an export.py directory) and score against the file's own captions:
     python evaluate.py --checkpoint out/coco_prefix-009.pt --features data/coco_test.pkl --output metrics.json
 Score a COCO results file against a COCO captions file, a Karpathy dataset_*.json split or a feature file:
     python evaluate.py --predictions preds.json --references dataset_coco.json --split test
@@ -18,7 +18,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("what to score")
-    source.add_argument("--checkpoint", help="a checkpoint written by train.py; captions the images of --features")
+    source.add_argument("--checkpoint", help="a checkpoint written by train.py, or a directory written by export.py; captions the images of --features")
     source.add_argument(
         "--features", help="feature file or store directory to caption (with --checkpoint); its captions are the references"
     )

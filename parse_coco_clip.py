@@ -7,7 +7,7 @@ r"""Stage 1 with CLIP: encode each image of a caption file once into a feature f
 import argparse
 
 from data.errors import exit_on_input_error
-from models.encoders import CLIP_MODELS
+from models.encoders import CLIP_MODELS, FEATURE_TYPES
 from stages.extract import add_extraction_arguments, run_extraction
 
 
@@ -19,13 +19,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="ViT-B/32",
         help=f"{', '.join(CLIP_MODELS)}, or a transformers CLIP model id or local directory (default: %(default)s)",
     )
+    parser.add_argument(
+        "--feature_type",
+        default=None,  # None, not image_embeds: a train_clip.py encoder directory gives its own ("projected")
+        choices=FEATURE_TYPES["clip"],
+        help="image_embeds: the projected CLS embedding, one vector per image; patch_tokens: the vision tower's "
+        "last hidden states, CLS then patches, one (T, D) matrix per image (50 x 768 for ViT-B/32) "
+        "(default: image_embeds)",
+    )
     add_extraction_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> None:
-    """Extract CLIP image embeddings (the projected `image_embeds`, as OpenAI CLIP's encode_image)."""
-    run_extraction(args, args.clip_model_type, "clip")
+    """Extract CLIP image embeddings (the projected `image_embeds`, as OpenAI CLIP's encode_image), or patch tokens."""
+    suffix = f"_{args.feature_type}" if args.feature_type == "patch_tokens" else ""  # ClipCap's names stay as they were
+    run_extraction(args, args.clip_model_type, "clip", feature_type=args.feature_type, output_suffix=suffix)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--feature_type",
         default="cls",
         choices=FEATURE_TYPES["dinov2"],
-        help="cls: the final-norm CLS token; avg_patch: the mean patch token; cls_avg_patch: both (default: %(default)s)",
+        help="cls: the final-norm CLS token; avg_patch: the mean patch token; cls_avg_patch: both; patch_tokens: "
+        "the CLS and patch tokens (registers left out), one (T, D) matrix per image (default: %(default)s)",
     )
     parser.add_argument(
         "--resize_dim",

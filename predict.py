@@ -3,6 +3,7 @@
 python predict.py photo.jpg more_photos/ "shots/*.png" --checkpoint out/coco-009.pt
 python predict.py val2014/ --checkpoint out/coco-009.pt --output preds.json --sheet sheet.png
 python predict.py --features coco_val.pkl --checkpoint out/coco-009.pt --output preds.json
+python predict.py photo.jpg --checkpoint exports/coco_mlp                  # a directory written by export.py
 python predict.py photo.jpg --weights coco_weights.pt --mapping_type mlp --prefix_length 10 --gpt2 gpt2
 """
 
@@ -11,7 +12,7 @@ import argparse
 from data.errors import exit_on_input_error
 from models.decoding import add_decoding_args
 from models.device import DEVICE_HELP, PRECISION_HELP
-from models.mappers import MAPPERS
+from models.mappers import PREFIX_MAPPERS
 from stages.predict import run_prediction
 
 # The settings an original ClipCap state dict cannot tell by itself, and their defaults.
@@ -29,7 +30,7 @@ WEIGHTS_DEFAULTS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR_OR_GLOB", help="image files, directories, globs")
-    parser.add_argument("--checkpoint", help="a checkpoint written by train.py (its config names the encoder)")
+    parser.add_argument("--checkpoint", help="a checkpoint written by train.py, or a directory written by export.py (its config names the encoder)")
     parser.add_argument("--features", help="caption this feature file or store directory (one caption per image row) instead of images")
     parser.add_argument("--output", help="write COCO results [{image_id, caption}] (the best caption) to this JSON")
     parser.add_argument("--sheet", help="draw the images with their captions into this picture (e.g. sheet.png)")
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     clipcap.add_argument("--weights", help="a bare ClipCap state dict, e.g. coco_weights.pt")
     # Defaults None: a flag given with --checkpoint is refused, not silently ignored; the real defaults
     # are filled in after that check (WEIGHTS_DEFAULTS).
-    clipcap.add_argument("--mapping_type", choices=sorted(MAPPERS), help="the weights' mapper (default: mlp)")
+    clipcap.add_argument("--mapping_type", choices=PREFIX_MAPPERS, help="the weights' mapper (default: mlp)")
     clipcap.add_argument("--prefix_length", type=int, help="the weights' prefix length (default: 10)")
     clipcap.add_argument("--prefix_length_clip", type=int, help="transformer mapper: feature tokens (default: 10)")
     clipcap.add_argument("--num_layers", type=int, help="transformer mapper: layers (default: 8)")

@@ -1,6 +1,8 @@
-"""Stage 2: train a mapper from image features to a GPT-2 prefix (ClipCap's train.py flags).
+"""Stage 2: train a mapper from image features to a GPT-2 prefix (ClipCap's train.py flags), or a
+GPT-2 that cross-attends to patch tokens (--mapping_type xattn).
 
 python train.py --data features_train.pkl --out_dir runs/coco --prefix coco_prefix
+python train.py --data patch_tokens_train --mapping_type xattn --only_prefix --out_dir runs/xattn --prefix xattn
 torchrun --nproc_per_node 4 train.py --data ... --bs 40          # DistributedDataParallel
 python train.py --scst --init_from runs/coco/coco_prefix_best.pt --data features_train.pkl \
     --out_dir runs/coco_scst --prefix coco_scst --reward cider --lr 1e-5 --bs 50   # SCST (Stage 2b)
@@ -32,6 +34,8 @@ MODEL_DEFAULTS = {
     "dino_feature_dim": None,
     "gpt2": "gpt2",
 }
+# The prefix mappers' own flags.
+PREFIX_MAPPER_DEFAULTS = {name: MODEL_DEFAULTS[name] for name in ("prefix_length", "prefix_length_clip", "num_layers")}
 SCST_DEFAULTS = {
     "init_from": None,
     "reward": "cider",
@@ -80,9 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only_prefix",
         action="store_true",
         default=None,
-        help="train the mapper only; the LM stays frozen and out of checkpoints",
+        help="train the mapper only (xattn: and the new cross-attention layers); the LM stays frozen and out of checkpoints",
     )
-    clipcap.add_argument("--mapping_type", choices=sorted(MAPPERS), help="mapper architecture (default mlp)")
+    clipcap.add_argument(
+        "--mapping_type",
+        choices=sorted(MAPPERS),
+        help="mapper architecture (default mlp); xattn: GPT-2 gains cross-attention layers over a projection of "
+        "patch-token features (--feature_type patch_tokens at extraction), with no prefix",
+    )
     clipcap.add_argument("--num_layers", type=int, help="transformer mapper depth (default 8)")
     clipcap.add_argument(
         "--normalize_prefix", action="store_true", default=None, help="L2-normalize image features before the mapper"
@@ -164,6 +173,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2000,
         help="captions longer than this many characters are dropped (and counted) before tokenizing",
     )
+    ours.add_argument(
+        "--export_hf",
+        metavar="OUT_DIR",
+        help="after training, export the final epoch's checkpoint to this directory as export.py does (checked at "
+        "start: a new directory, or an earlier export with --overwrite)",
+    )
+    ours.add_argument(
+        "--push_to_hub", metavar="REPO_ID", help="with --export_hf: then upload the export to this hub model repository"
+    )
     scst = parser.add_argument_group("SCST: self-critical fine-tuning of a train.py checkpoint (Stage 2b)")
     scst.add_argument("--scst", action="store_true", help="fine-tune --init_from by SCST instead of cross-entropy")
     scst.add_argument("--init_from", help="the train.py checkpoint to start from: its config decides the model")
@@ -185,9 +203,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--scst takes the model from --init_from's config; do not give {model_flags}")
     if not args.scst and (scst_flags := _given(args, SCST_DEFAULTS)):
         parser.error(f"{scst_flags}: only with --scst")
+    if args.mapping_type == "xattn" and (prefix_flags := _given(args, PREFIX_MAPPER_DEFAULTS)):
+        parser.error(f"{prefix_flags}: --mapping_type xattn has no prefix mapper")
     for name, default in {**MODEL_DEFAULTS, **SCST_DEFAULTS}.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if args.push_to_hub and not args.export_hf:
+        parser.error("--push_to_hub uploads the --export_hf directory: give --export_hf too")
     if args.warmup_steps is None:
         args.warmup_steps = WARMUP_STEPS[args.scst]
     return args

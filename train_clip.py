@@ -4,7 +4,7 @@ and keep the best epoch's encoder as a directory that the extraction scripts and
     python train_clip.py --captions_file data/coco/dataset_coco.json --images_dir data/coco --split train \
         --val_split val --image_encoder resnet50 --text_encoder ViT-B/32 --out_dir runs/align --epochs 10 --bs 256
     python parse_coco_clip.py --clip_model_type runs/align/encoder ...     # aligned features
-    torchrun --nproc_per_node 4 train_clip.py ...                           # DistributedDataParallel
+    torchrun --nproc_per_node 4 train_clip.py ... --bs 64                   # one InfoNCE batch of 256
 """
 
 import argparse
@@ -67,7 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training = parser.add_argument_group("training")
     training.add_argument("--out_dir", required=True, help="run directory: encoder/, retrieval.json, checkpoints, log")
     training.add_argument("--epochs", type=int, default=10, help="passes over the training images")
-    training.add_argument("--bs", dest="batch_size", type=int, default=256, help="images (and captions) per batch")
+    training.add_argument(
+        "--bs",
+        dest="batch_size",
+        type=int,
+        default=256,
+        help="images (and captions) per batch and process (under torchrun one InfoNCE batch of them all)",
+    )
     training.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default: %(default)s)")
     training.add_argument(
         "--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on the temperature)"

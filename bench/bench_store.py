@@ -53,7 +53,7 @@ def generate(work_dir: Path, rows: int, feature_dim: int, with_pickle: bool) -> 
         if with_pickle:
             blocks.append(block)
             captions += [{"image_id": start + i, "caption": t, "clip_embedding": start + i} for i, t in enumerate(texts)]
-    write_store_meta(store, {"encoder": {}}, shards, feature_dim, "fp16")
+    write_store_meta(store, {"encoder": {}}, shards, (feature_dim,), "fp16")
     paths = {"store": store}
     if with_pickle:
         paths["pickle"] = work_dir / f"features_{rows}.pkl"

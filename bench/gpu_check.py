@@ -1,13 +1,13 @@
 """Every GPU check in one call, for a lent CUDA machine: the GPU tests, then extraction, training,
-decoding and alignment benchmarks (real-size models, random weights, ClipCap's procedures beside ours), each a
+decoding, alignment and cross-attention benchmarks (real-size models, random weights, ClipCap's procedures beside ours), each a
 section run as its own process with a time limit.
 
 After every section the results so far go to gpu_check.json and gpu_check.md in --out_dir, so a run cut
 short still leaves figures. Each section keeps the benchmark's own printed table; the Markdown file
 lists them under the device's name.
 
-    bash bench/gpu_check.sh                 # full: at most 6 minutes (section limits)
-    bash bench/gpu_check.sh --quick         # at most 2 minutes
+    bash bench/gpu_check.sh                 # full: at most 7 minutes (section limits)
+    bash bench/gpu_check.sh --quick         # at most 2.5 minutes
 """
 
 import argparse
@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 GPU_TESTS = ["tests/test_extraction.py", "tests/test_training.py", "tests/test_decoding.py", "tests/test_evaluate.py"]
 
 
-# Seconds each section may take: the full run stays within 6 minutes, --quick within 2.
+# Seconds each section may take: the full run stays within 7 minutes, --quick within 2.5.
 LIMITS = {
-    False: {"tests": 90, "extraction": 60, "training": 60, "decoding": 30, "alignment": 30},
-    True: {"tests": 45, "extraction": 15, "training": 15, "decoding": 10, "alignment": 10},
+    False: {"tests": 90, "extraction": 60, "training": 60, "decoding": 30, "alignment": 30, "xattn": 40},
+    True: {"tests": 45, "extraction": 15, "training": 15, "decoding": 10, "alignment": 10, "xattn": 20},
 }
 
 
@@ -67,6 +67,11 @@ def sections(quick: bool) -> list[tuple[str, list[str], int]]:
             "alignment (train_clip.py step) batch 256, bf16",
             [python, "bench/bench_align.py", "--device", "cuda", "--batch_size", "256", "--steps", steps],
             limit["alignment"],
+        ),
+        (
+            "xattn vs MLP prefix, batch 64, beam 5, bf16",
+            [python, "bench/bench_xattn.py", "--device", "cuda", "--batch_size", "64", "--steps", steps],
+            limit["xattn"],
         ),
     ]
 

@@ -5,6 +5,7 @@ destroying something that is not an earlier output (an input, a directory, a dev
 import glob
 import json
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -71,6 +72,69 @@ def check_outputs(outputs: dict[str, PathArgument], inputs: dict[str, PathArgume
         if other is not None:
             raise InputError(f"{flag} {path} is the same file as {other[0]} {other[1]}; it would be replaced")
         written[os.path.realpath(path)] = (flag, path)
+
+
+def _is_within(path: str, directory: str) -> bool:
+    """Whether real path `path` is `directory` or lies below it."""
+    return os.path.commonpath([path, directory]) == directory
+
+
+def check_output_directory(
+    flag: str, path: str | os.PathLike, inputs: dict[str, PathArgument], overwrite: bool
+) -> None:
+    """Before any work: `path`, an output directory written whole, is new (or, with `overwrite`, an existing
+    directory), and neither is nor lies inside one of the inputs (flag -> path or paths) nor holds one:
+    replacing it must not delete what the run reads."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as error:  # e.g. a parent that is a file
+        raise InputError(f"{flag} {path}: cannot write here ({error.strerror or error})") from None
+    if mode is not None:
+        if stat.S_ISLNK(mode):
+            raise InputError(f"{flag} {path}: is a symbolic link; give a new directory or an earlier output")
+        if not stat.S_ISDIR(mode):
+            raise InputError(f"{flag} {path}: exists and is not a directory")
+        if not overwrite:
+            raise InputError(f"{flag} {path}: already exists; give --overwrite to replace it")
+    target = os.path.realpath(path)
+    for input_flag, input_path in _named_paths(inputs):
+        source = os.path.realpath(input_path)
+        if _is_within(target, source) or _is_within(source, target):
+            raise InputError(
+                f"{flag} {path} would hold or lie inside {input_flag} {input_path}; writing it would replace an input"
+            )
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty directory beside `path` to fill; on success it takes `path`'s place by rename (an
+    existing directory there is moved aside first, then deleted), on failure it is deleted and `path` is
+    unchanged. An OS error (full disk, no permission) is one InputError line."""
+    path = Path(path)
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        yield temporary
+        os.chmod(temporary, 0o777 & ~_UMASK)  # mkdtemp makes 0700; outputs follow the umask as mkdir would
+        if os.path.lexists(path):
+            # A directory cannot be replaced by one rename: move the old one aside, then the new one in.
+            previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, previous)
+            os.replace(temporary, path)
+            shutil.rmtree(previous)
+        else:
+            os.replace(temporary, path)
+    except BaseException as error:  # KeyboardInterrupt too: no temporary directory is left behind
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise InputError(
+                f"{path}: cannot write ({error.strerror or error}); the previous one is unchanged"
+            ) from None
+        raise
 
 
 @contextmanager

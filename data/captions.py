@@ -169,7 +169,7 @@ def load_or_tokenize(
 class CaptionBatch:
     """A padded batch: right-padded tokens and the mask of real tokens."""
 
-    features: torch.Tensor  # (B, D) float32
+    features: torch.Tensor  # (B, D) float32, or (B, T, D) for token features
     tokens: torch.Tensor  # (B, T) int64, T = longest caption in the batch
     attention_mask: torch.Tensor  # (B, T) int64, 1 on real tokens (EOS included), 0 on padding
 
@@ -186,7 +186,7 @@ class CaptionBatch:
 
 
 class CaptionDataset(Dataset):
-    """One item per caption: (its image's feature row (D,), its token ids (L,) ending in EOS)."""
+    """One item per caption: (its image's feature row (D,) or (T, D), its token ids (L,) ending in EOS)."""
 
     def __init__(self, features: FeatureFile, tokenized: TokenizedCaptions, max_tokens: int | None = None):
         if len(tokenized) != len(features.captions):
@@ -214,7 +214,7 @@ class CaptionCollator:
     pad_token_id: int  # any id works (padding is masked out of attention and loss); EOS reads best
 
     def __call__(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> CaptionBatch:
-        features = torch.stack([feature for feature, _ in items])  # (B, D)
+        features = torch.stack([feature for feature, _ in items])  # (B, D) or (B, T, D)
         longest = max(tokens.numel() for _, tokens in items)
         tokens = torch.full((len(items), longest), self.pad_token_id, dtype=torch.int64)  # (B, T)
         attention_mask = torch.zeros((len(items), longest), dtype=torch.int64)

@@ -1,7 +1,7 @@
 """Feature files: one row of features per image, every caption pointing at its row.
 
 The layout is ClipCap's, so its `train.py` reads our files and we read its files:
-    {"clip_embedding": FloatTensor[N, D],
+    {"clip_embedding": FloatTensor[N, D],             # or [N, T, D]: a token matrix per image (patch_tokens)
      "captions": [{"image_id", "caption", "clip_embedding": row, ...}],
      "meta": {...}}                                   # ours only; ClipCap's files have none
 Reading goes through a restricted unpickler: pickles are programs, and these files come
@@ -25,13 +25,18 @@ from data.atomic import atomic_write
 from data.errors import InputError
 
 FEATURES_KEY = "clip_embedding"  # ClipCap's name, kept for DINOv2 features too
+# A pickle is built, written and read whole in memory: token features (patch_tokens, T x D floats per image)
+# past this size go to a feature store. 2 GiB is ~14,000 images of ViT-B/32 tokens (50 x 768), ~2,700 of
+# DINOv2-B's (257 x 768); one vector per image has no limit, as before.
+MAX_PICKLE_TOKEN_BYTES = 2 * 1024**3
 
 
 @dataclass
 class FeatureFile:
     """The contents of a feature file, checked."""
 
-    # (N, D) float32, one row per image: a tensor, or a store's memory-mapped rows (data.store.ShardedEmbeddings)
+    # (N, D) float32, one row per image, or (N, T, D) for token features (patch_tokens): a tensor, or a
+    # store's memory-mapped rows (data.store.ShardedEmbeddings)
     embeddings: Any
     # each with "image_id", "caption" and "clip_embedding" (its row): a list, or a store's data.store.CaptionTable
     captions: Sequence[dict]
@@ -39,7 +44,18 @@ class FeatureFile:
 
     @property
     def feature_dim(self) -> int:
-        return self.embeddings.shape[1]
+        """D: the width of a row, or of each of its tokens."""
+        return self.embeddings.shape[-1]
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """One image's features: (D,), or (T, D) for token features."""
+        return tuple(self.embeddings.shape[1:])
+
+    @property
+    def token_count(self) -> int | None:
+        """T, the tokens per image of token features (patch_tokens); None for one vector per image."""
+        return self.row_shape[0] if len(self.row_shape) == 2 else None
 
     def embeddings_digest(self) -> str:
         """A short hash of the feature values, to tell two files with the same captions apart."""
@@ -189,14 +205,16 @@ def _as_tensor(value: Any) -> torch.Tensor | None:
 
 
 def nonfinite_rows(embeddings: torch.Tensor) -> list[int]:
-    """Rows holding NaN or infinity (a broken encoder pass), in order."""
-    return torch.nonzero(~torch.isfinite(embeddings).all(dim=1)).flatten().tolist()
+    """Rows (images) holding NaN or infinity anywhere (a broken encoder pass), in order; (N, D) or (N, T, D)."""
+    return torch.nonzero(~torch.isfinite(embeddings).flatten(1).all(dim=1)).flatten().tolist()
 
 
 def _check_embeddings(path: str | os.PathLike, embeddings: torch.Tensor) -> None:
     # Caught here, a NaN row or an empty width names the file; caught in training, it looks like a bad --lr.
-    if embeddings.shape[1] == 0:
+    if embeddings.shape[-1] == 0:
         raise InputError(f"{path}: '{FEATURES_KEY}' has {embeddings.shape[0]} rows of width 0: no features")
+    if embeddings.dim() == 3 and embeddings.shape[1] == 0:
+        raise InputError(f"{path}: '{FEATURES_KEY}' has {embeddings.shape[0]} rows of 0 tokens: no features")
     bad = nonfinite_rows(embeddings)
     if bad:
         shown = ", ".join(map(str, bad[:MAX_BAD_ROWS_SHOWN])) + (", ..." if len(bad) > MAX_BAD_ROWS_SHOWN else "")
@@ -212,8 +230,10 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
     if missing:
         raise InputError(f"{path}: missing key(s) {', '.join(repr(key) for key in missing)}")
     embeddings = _as_tensor(content[FEATURES_KEY])
-    if embeddings is None or embeddings.dim() != 2 or embeddings.is_complex():
-        raise InputError(f"{path}: '{FEATURES_KEY}' must be a 2-D real tensor (images x features)")
+    if embeddings is None or embeddings.dim() not in (2, 3) or embeddings.is_complex():
+        raise InputError(
+            f"{path}: '{FEATURES_KEY}' must be a 2-D or 3-D real tensor (images x features, or images x tokens x features)"
+        )
     embeddings = embeddings.float().contiguous()
     _check_embeddings(path, embeddings)
     captions = content["captions"]
@@ -254,6 +274,24 @@ def check_same_encoder(features: FeatureFile, source: str, encoder: dict | None,
     raise InputError(
         f"{source} holds features of {_describe_encoder(recorded)}, but {expected_by} expects {_describe_encoder(encoder)}"
     )
+
+
+def check_pickle_fits(path: str | os.PathLike, num_images: int, row_shape: Sequence[int]) -> None:
+    """Refuse, before any work, a pickle of token features larger than MAX_PICKLE_TOKEN_BYTES (as float32)."""
+    if len(row_shape) < 2:
+        return
+    size = num_images * 4 * int(np.prod(row_shape))
+    if size > MAX_PICKLE_TOKEN_BYTES:
+        shape = " x ".join(map(str, row_shape))
+        raise InputError(
+            f"{path}: {num_images} images of {shape} token features are {_binary_size(size)} as float32, over the "
+            f"pickle's limit of {_binary_size(MAX_PICKLE_TOKEN_BYTES)}; write a feature store instead (--output_format shards)"
+        )
+
+
+def _binary_size(size: int) -> str:
+    power = min(3, max(0, (size.bit_length() - 1) // 10))  # 0 bytes, 1 KiB, 2 MiB, 3 GiB
+    return f"{size / 1024**power:.4g} {('bytes', 'KiB', 'MiB', 'GiB')[power]}"
 
 
 def write_feature_file(path: str | os.PathLike, features: FeatureFile) -> None:

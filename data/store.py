@@ -1,8 +1,8 @@
 """The sharded feature store: a directory for data sets too large for one pickle in memory.
 
-    meta.json                  the pickle's meta, plus the store's format and every shard: its files,
-                               row and caption counts, and the sha256 of each file
-    shard-00000.npy            (rows, D) embeddings, fp32 or fp16, read memory-mapped
+    meta.json                  the pickle's meta, plus the store's format, the row shape ([D] or [T, D])
+                               and every shard: its files, row and caption counts, the sha256 of each file
+    shard-00000.npy            (rows, D) or (rows, T, D) embeddings, fp32 or fp16, read memory-mapped
     shard-00000.parquet        one row per caption: image_id, caption, row (within the shard)
 
 Every file is written atomically and meta.json last, so a store that lists a shard has it whole;
@@ -27,12 +27,17 @@ import torch
 
 from data.atomic import atomic_write, write_json_atomic
 from data.errors import InputError, read_json_input
-from data.features import FEATURES_KEY, FeatureFile, read_feature_file, write_feature_file
+from data.features import FEATURES_KEY, FeatureFile, check_pickle_fits, read_feature_file, write_feature_file
 
 STORE_FORMAT = "clipcap-plus-feature-store"
 STORE_VERSION = 1
 META_FILE = "meta.json"
 FEATURE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def default_feature_dtype(row_shape: Sequence[int]) -> str:
+    """fp32 for one vector per image; fp16 for token matrices, T times larger (50 for ViT-B/32)."""
+    return "fp16" if len(row_shape) > 1 else "fp32"
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -66,7 +71,7 @@ def write_shard(
     feature_dtype: str = "fp32",
     extra: dict | None = None,
 ) -> dict:
-    """Write one shard (embeddings (n, D) and captions as (image_id, text, row in shard)) atomically;
+    """Write one shard (embeddings (n, D) or (n, T, D), captions as (image_id, text, row in shard)) atomically;
     returns its record for meta.json (with `extra`, e.g. the source shard and skipped samples)."""
     directory = Path(directory)
     array = np.ascontiguousarray(embeddings, dtype=FEATURE_DTYPES[feature_dtype])
@@ -97,8 +102,10 @@ def write_shard(
     return {**record, **(extra or {})}
 
 
-def write_store_meta(directory: str | os.PathLike, meta: dict, shards: list[dict], feature_dim: int, dtype: str) -> None:
-    """meta.json, written last: from then on the store is whole."""
+def write_store_meta(
+    directory: str | os.PathLike, meta: dict, shards: list[dict], row_shape: Sequence[int], dtype: str
+) -> None:
+    """meta.json, written last: from then on the store is whole. `row_shape` is one image's: (D,) or (T, D)."""
     store = {
         "format": STORE_FORMAT,
         "version": STORE_VERSION,
@@ -106,7 +113,8 @@ def write_store_meta(directory: str | os.PathLike, meta: dict, shards: list[dict
         "shards": shards,
     }
     counts = {
-        "feature_dim": feature_dim,
+        "feature_dim": int(row_shape[-1]),
+        "row_shape": [int(size) for size in row_shape],
         "num_images": sum(shard["rows"] for shard in shards),
         "num_captions": sum(shard["captions"] for shard in shards),
     }
@@ -114,9 +122,11 @@ def write_store_meta(directory: str | os.PathLike, meta: dict, shards: list[dict
 
 
 def write_store(
-    directory: str | os.PathLike, features: FeatureFile, feature_dtype: str = "fp32", rows_per_shard: int = 100_000
+    directory: str | os.PathLike, features: FeatureFile, feature_dtype: str | None = None, rows_per_shard: int = 100_000
 ) -> None:
-    """Write a whole FeatureFile as a store of shards of `rows_per_shard` images."""
+    """Write a whole FeatureFile as a store of shards of `rows_per_shard` images (dtype by default: see
+    `default_feature_dtype`)."""
+    feature_dtype = feature_dtype or default_feature_dtype(features.row_shape)
     embeddings = _as_numpy(features.embeddings)
     rows = np.array([caption[FEATURES_KEY] for caption in features.captions], dtype=np.int64)
     order = np.argsort(rows, kind="stable")  # captions grouped by shard, in file order within a row
@@ -129,7 +139,7 @@ def write_store(
         ]
         shards.append(write_shard(directory, shard_name(number), embeddings[start:end], captions, feature_dtype))
     meta = {key: value for key, value in features.meta.items() if key not in ("store",)}
-    write_store_meta(directory, meta, shards, embeddings.shape[1], feature_dtype)
+    write_store_meta(directory, meta, shards, embeddings.shape[1:], feature_dtype)
 
 
 def _as_numpy(embeddings: "torch.Tensor | ShardedEmbeddings") -> np.ndarray:
@@ -139,7 +149,7 @@ def _as_numpy(embeddings: "torch.Tensor | ShardedEmbeddings") -> np.ndarray:
 
 
 class ShardedEmbeddings:
-    """(N, D) feature rows over memory-mapped .npy shards: indexing reads only the rows asked for and
+    """(N, D) or (N, T, D) feature rows over memory-mapped .npy shards: indexing reads only the rows asked for and
     gives float32 tensors, as a pickle's tensor would. Pickled (to DataLoader workers) as paths."""
 
     def __init__(self, paths: list[Path], digest: str):
@@ -159,7 +169,7 @@ class ShardedEmbeddings:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((int(self.starts[-1]), int(self.arrays[0].shape[1])))
+        return torch.Size((int(self.starts[-1]), *self.arrays[0].shape[1:]))
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -173,11 +183,11 @@ class ShardedEmbeddings:
         if isinstance(index, slice):
             index = np.arange(len(self))[index]
         rows = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
-        if rows.ndim == 0:  # one row: (D,)
+        if rows.ndim == 0:  # one row: (D,) or (T, D)
             shard = int(self._locate(rows.reshape(1))[0])
             return torch.from_numpy(np.array(self.arrays[shard][int(rows) - self.starts[shard]], dtype=np.float32))
         shards = self._locate(rows)
-        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)  # (k, D)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=np.float32)  # (k, D) or (k, T, D)
         for shard in np.unique(shards):
             mask = shards == shard
             out[mask] = self.arrays[shard][rows[mask] - self.starts[shard]]
@@ -233,7 +243,7 @@ def _refuse(directory: Path, reason: str) -> None:
     raise InputError(f"{directory}: not a usable feature store: {reason}")
 
 
-def _open_shard_embeddings(directory: Path, shard: dict, feature_dim: int | None, dtype: str) -> np.ndarray:
+def _open_shard_embeddings(directory: Path, shard: dict, row_shape: tuple[int, ...], dtype: str) -> np.ndarray:
     path = directory / f"{shard['name']}.npy"
     try:
         # An empty shard (every sample of its source skipped) has no data to map.
@@ -244,11 +254,9 @@ def _open_shard_embeddings(directory: Path, shard: dict, feature_dim: int | None
         raise InputError(f"{path}: missing; the store's meta.json lists it") from None
     except (OSError, ValueError) as error:  # a short file cannot be mapped; a bad header does not parse
         raise InputError(f"{path}: truncated or not a .npy file ({error})") from None
-    expected_dim = feature_dim if feature_dim is not None else (array.shape[1] if array.ndim == 2 else -1)
-    if array.ndim != 2 or array.shape != (shard["rows"], expected_dim) or array.dtype != FEATURE_DTYPES[dtype]:
-        raise InputError(
-            f"{path}: holds {array.dtype} {tuple(array.shape)}, meta.json says {dtype} ({shard['rows']}, {expected_dim})"
-        )
+    expected = (shard["rows"], *row_shape)
+    if array.shape != expected or array.dtype != FEATURE_DTYPES[dtype]:
+        raise InputError(f"{path}: holds {array.dtype} {tuple(array.shape)}, meta.json says {dtype} {expected}")
     return array
 
 
@@ -305,15 +313,25 @@ def read_store(directory: str | os.PathLike, verify_checksums: bool = False) -> 
     feature_dim = meta.get("feature_dim")
     if not isinstance(feature_dim, int) or feature_dim < 1:
         _refuse(directory, f"feature_dim {feature_dim!r} in {META_FILE}")
+    row_shape = meta.get("row_shape", [feature_dim])  # stores written before token features record none
+    if (
+        not isinstance(row_shape, list)
+        or len(row_shape) not in (1, 2)
+        or any(isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in row_shape)
+    ):
+        _refuse(directory, f"row_shape {row_shape!r} in {META_FILE} is not [feature_dim] or [tokens, feature_dim]")
     if verify_checksums:
         _verify_checksums(directory, shards)
     arrays, tables, rows, start = [], [], [], 0
     for shard in shards:
-        arrays.append(_open_shard_embeddings(directory, shard, feature_dim, store["feature_dtype"]))
+        # The width every reader uses is feature_dim: the shards are held to it first.
+        arrays.append(_open_shard_embeddings(directory, shard, (*row_shape[:-1], feature_dim), store["feature_dtype"]))
         table = _read_shard_captions(directory, shard)
         tables.append(table)
         rows.append(table.column("row").to_numpy().astype(np.int64) + start)
         start += shard["rows"]
+    if row_shape[-1] != feature_dim:
+        _refuse(directory, f"row_shape {row_shape!r} in {META_FILE} does not end in its feature_dim {feature_dim}")
     if start == 0 or not sum(table.num_rows for table in tables):
         _refuse(directory, "it holds no images or no captions")
     # A shard with no captions (every sample of its source skipped) has no image id type of its own.
@@ -388,7 +406,10 @@ def clear_store(path: str | os.PathLike) -> None:
 
 
 def convert_features(
-    source: str | os.PathLike, target: str | os.PathLike, feature_dtype: str = "fp32", rows_per_shard: int = 100_000
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    feature_dtype: str | None = None,
+    rows_per_shard: int = 100_000,
 ) -> str:
     """Pickle -> store, or store -> pickle, the direction taken from what `source` is; returns it in words."""
     if is_store(source):
@@ -397,10 +418,13 @@ def convert_features(
         if Path(source).resolve() in Path(target).resolve().parents:
             raise InputError(f"{target}: lies inside the store {source}; write the pickle elsewhere")
         features = read_store(source, verify_checksums=True)  # it is read whole anyway: check every byte
+        check_pickle_fits(target, len(features.embeddings), features.row_shape)
         embeddings = torch.from_numpy(features.embeddings.numpy())
         write_feature_file(target, FeatureFile(embeddings, list(features.captions), features.meta))
         return "store -> pickle"
     check_store_output(target)
+    features = read_feature_file(source)
+    feature_dtype = feature_dtype or default_feature_dtype(features.row_shape)
     clear_store(target)
-    write_store(target, read_feature_file(source), feature_dtype, rows_per_shard)
+    write_store(target, features, feature_dtype, rows_per_shard)
     return f"pickle -> store ({feature_dtype})"

@@ -1,6 +1,9 @@
-"""The captioner: a mapper turns an image feature into a prefix of LM embeddings, and a causal LM
-(GPT-2 by default) continues it with the caption. Parameter names follow ClipCap
-(`clip_project.*` for the mapper, `gpt.*` for the LM)."""
+"""The captioner: a mapper turns image features into what a causal LM (GPT-2 by default) is
+conditioned on, and the LM continues with the caption. Two designs:
+- prefix (ClipCap, mapping types mlp and transformer): one image vector becomes a prefix of LM embeddings;
+- xattn: the LM gets cross-attention layers over the projected patch tokens, and the caption follows
+  a learned start embedding.
+Parameter names follow ClipCap (`clip_project.*` for the mapper, `gpt.*` for the LM)."""
 
 from dataclasses import dataclass
 
@@ -14,6 +17,8 @@ from models.config import CaptionerConfig
 from models.mappers import MAPPERS
 
 IGNORE_INDEX = -100  # label value that cross_entropy skips: padding, and nothing else
+# The LM weights that cross-attention adds (GPT-2's names): new, so always trained and always stored.
+CROSS_ATTENTION_WEIGHTS = (".crossattention.", ".ln_cross_attn.")
 
 
 @dataclass
@@ -24,27 +29,64 @@ class CaptionerOutput:
     loss: torch.Tensor | None = None
 
 
+@dataclass
+class Conditioning:
+    """What the LM is conditioned on for a batch of images."""
+
+    prefix: torch.Tensor  # (B, P, E): LM input embeddings before the caption (xattn: P = 1, the start)
+    cross_states: torch.Tensor | None = None  # (B, T, E): what cross-attention attends to (xattn only)
+
+
 def lm_embedding_width(lm: PreTrainedModel) -> int:
     """The LM's input embedding width, from the model itself rather than a guess."""
     return lm.get_input_embeddings().embedding_dim
 
 
+def cross_attention_inputs(cross_states: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The LM's keyword for cross-attention states, only when there are some: not every causal LM takes it."""
+    return {} if cross_states is None else {"encoder_hidden_states": cross_states}
+
+
+def is_cross_attention_weight(name: str) -> bool:
+    """Whether an LM parameter (or `gpt.*` state-dict key) belongs to a cross-attention layer."""
+    return any(part in name for part in CROSS_ATTENTION_WEIGHTS)
+
+
 class ClipCaptionModel(nn.Module):
-    """Image feature -> mapper -> LM prefix -> caption."""
+    """Image features -> mapper -> LM conditioning -> caption."""
 
     def __init__(self, config: CaptionerConfig, lm: PreTrainedModel):
         super().__init__()
         if config.mapping_type not in MAPPERS:
             raise InputError(f"unknown mapping type {config.mapping_type!r}; choose from {', '.join(MAPPERS)}")
+        if config.cross_attention != bool(getattr(lm.config, "add_cross_attention", False)):
+            raise InputError(
+                f"mapping type {config.mapping_type!r} needs an LM "
+                f"{'with' if config.cross_attention else 'without'} cross-attention layers"
+            )
         self.config = config
         self.gpt = lm
         self.clip_project = MAPPERS[config.mapping_type](config, lm_embedding_width(lm))
+        if config.cross_attention:
+            self._start_from_bos()
         self.lm_frozen = False
 
+    @torch.no_grad()
+    def _start_from_bos(self) -> None:
+        # The caption starts where GPT-2 starts a text: after its BOS token (training then adapts it).
+        embeddings = self.gpt.get_input_embeddings().weight
+        bos = self.gpt.config.bos_token_id
+        if bos is not None and 0 <= bos < embeddings.shape[0]:
+            self.clip_project.start.copy_(embeddings[bos])
+        else:
+            self.clip_project.start.normal_(std=0.02)  # GPT-2's initializer range
+
     def freeze_lm(self) -> None:
-        """Freeze the LM for real: no gradients computed or stored, eval mode (no dropout)."""
+        """Freeze the LM's own weights for real: no gradients computed or stored, eval mode (no dropout).
+        Cross-attention layers are new, so they keep training."""
         self.lm_frozen = True
-        self.gpt.requires_grad_(False)
+        for name, parameter in self.gpt.named_parameters():
+            parameter.requires_grad_(is_cross_attention_weight(name))
         self.gpt.eval()
 
     def train(self, mode: bool = True) -> "ClipCaptionModel":
@@ -53,21 +95,32 @@ class ClipCaptionModel(nn.Module):
             self.gpt.eval()  # ClipCap's --only_prefix also keeps the frozen LM in eval mode
         return self
 
-    def embed_prefix(self, features: torch.Tensor) -> torch.Tensor:
-        """Image features (B, D) -> prefix embeddings (B, P, E), in the LM's dtype."""
+    def condition(self, features: torch.Tensor) -> Conditioning:
+        """Image features, (B, D) for a prefix mapper or (B, T, D) patch tokens for xattn, in the LM's dtype."""
+        expected = 3 if self.config.cross_attention else 2
+        if features.ndim != expected:
+            kind = "patch tokens (B, T, D)" if self.config.cross_attention else "one vector per image (B, D)"
+            raise InputError(
+                f"mapping type {self.config.mapping_type!r} takes {kind}; got features of shape {tuple(features.shape)}"
+            )
         if self.config.normalize_prefix:
             # In the model, not the dataset, so training and inference can never disagree.
             features = features / features.norm(p=2, dim=-1, keepdim=True)
         mapper_dtype = next(self.clip_project.parameters()).dtype
-        return self.clip_project(features.to(mapper_dtype))
+        mapped = self.clip_project(features.to(mapper_dtype))
+        if not self.config.cross_attention:
+            return Conditioning(prefix=mapped)  # (B, P, E)
+        start = self.clip_project.start.expand(features.shape[0], 1, -1)  # (B, 1, E)
+        return Conditioning(prefix=start, cross_states=mapped)  # mapped: (B, T, E)
 
     def forward(
         self, features: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor, compute_loss: bool = True
     ) -> CaptionerOutput:
-        """Teacher-forced pass: features (B, D), tokens and attention_mask (B, T), right-padded."""
-        prefix = self.embed_prefix(features)  # (B, P, E)
-        token_embeds = self.gpt.get_input_embeddings()(tokens)  # (B, T, E)
-        inputs_embeds = torch.cat((prefix.to(token_embeds.dtype), token_embeds), dim=1)  # (B, P+T, E)
+        """Teacher-forced pass: features (B, D) or (B, T, D), tokens and attention_mask (B, L), right-padded."""
+        conditioning = self.condition(features)
+        prefix = conditioning.prefix  # (B, P, E)
+        token_embeds = self.gpt.get_input_embeddings()(tokens)  # (B, L, E)
+        inputs_embeds = torch.cat((prefix.to(token_embeds.dtype), token_embeds), dim=1)  # (B, P+L, E)
         prefix_mask = attention_mask.new_ones(prefix.shape[:2])
         full_mask = torch.cat((prefix_mask, attention_mask), dim=1)
         # Position P-1+t predicts caption token t: only those positions go through the LM head.
@@ -75,7 +128,11 @@ class ClipCaptionModel(nn.Module):
         predicting = torch.arange(prefix_length - 1, prefix_length + caption_length - 1, device=tokens.device)
         # use_cache=False: GPT-2 defaults to building a key/value cache that a teacher-forced pass never reads.
         logits = self.gpt(
-            inputs_embeds=inputs_embeds, attention_mask=full_mask, logits_to_keep=predicting, use_cache=False
+            inputs_embeds=inputs_embeds,
+            attention_mask=full_mask,
+            logits_to_keep=predicting,
+            use_cache=False,
+            **cross_attention_inputs(conditioning.cross_states),
         ).logits
         loss = None
         if compute_loss:
@@ -84,8 +141,13 @@ class ClipCaptionModel(nn.Module):
         return CaptionerOutput(logits=logits, loss=loss)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights a checkpoint stores: the mapper, plus the LM unless it is frozen."""
+        """The weights a checkpoint stores: the mapper and any cross-attention layers, plus the whole
+        LM unless it is frozen."""
         state = self.state_dict()
         if self.config.lm_in_checkpoint:
             return state
-        return {name: tensor for name, tensor in state.items() if not name.startswith("gpt.")}
+        return {
+            name: tensor
+            for name, tensor in state.items()
+            if not name.startswith("gpt.") or is_cross_attention_weight(name)
+        }

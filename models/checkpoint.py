@@ -6,11 +6,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as transformers_logging
 
 from data.atomic import torch_save_atomic, write_json_atomic
 from data.errors import InputError
-from models.captioner import ClipCaptionModel
+from models.captioner import ClipCaptionModel, is_cross_attention_weight
 from models.config import CaptionerConfig
 
 # Buffers that GPT-2 checkpoints from older transformers carry and current ones do not.
@@ -26,18 +34,29 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def load_lm(name: str) -> PreTrainedModel:
-    """A pretrained causal LM by transformers id or local directory."""
+def load_lm(name: str, cross_attention: bool = False) -> PreTrainedModel:
+    """A pretrained causal LM by transformers id or local directory; with `cross_attention`, with new
+    (randomly initialized) cross-attention layers in every block, as an xattn captioner trains them."""
+    extra = {"add_cross_attention": True} if cross_attention else {}
+    verbosity = transformers_logging.get_verbosity()
+    if cross_attention:
+        transformers_logging.set_verbosity_error()  # its report lists the new layers as "missing": expected
     try:
-        return AutoModelForCausalLM.from_pretrained(name)
+        lm = AutoModelForCausalLM.from_pretrained(name, **extra)
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load language model {name!r}: {first_line(error)}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    if cross_attention and not any(is_cross_attention_weight(key) for key, _ in lm.named_parameters()):
+        raise InputError(f"language model {name!r} ({lm.config.model_type}) has no cross-attention layers to add")
+    return lm
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """The LM's tokenizer, by id or directory; a pad token is set to EOS (padding is masked anyway)."""
+def load_tokenizer(name: str, lm_config: PretrainedConfig | None = None) -> PreTrainedTokenizerBase:
+    """The LM's tokenizer, by id or directory; a pad token is set to EOS (padding is masked anyway).
+    `lm_config`, when given, is the LM's config, so the config.json beside the tokenizer is not read."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, config=lm_config)
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load tokenizer {name!r}: {first_line(error)}") from None
     if len(tokenizer) < MIN_VOCABULARY:
@@ -50,6 +69,12 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def captioner_tokenizer(model: ClipCaptionModel) -> PreTrainedTokenizerBase:
+    """The tokenizer of a loaded captioner, from its lm_name. Its LM's config is passed along: in an export
+    directory the config.json beside the tokenizer is the captioner's, which transformers does not know."""
+    return load_tokenizer(model.config.lm_name, model.gpt.config)
 
 
 def lm_from_config(lm_config: dict[str, Any]) -> PreTrainedModel:
@@ -71,7 +96,7 @@ def meta_captioner(config: CaptionerConfig, lm: PreTrainedModel | None = None) -
 def build_captioner(config: CaptionerConfig, lm: PreTrainedModel | None = None) -> ClipCaptionModel:
     """A captioner with a fresh mapper; the LM is `lm`, else loaded by `config.lm_name`.
     Records the LM's config so a fine-tuned model can later be rebuilt without the original."""
-    lm = lm if lm is not None else load_lm(config.lm_name)
+    lm = lm if lm is not None else load_lm(config.lm_name, config.cross_attention)
     config.lm_config = lm.config.to_dict()
     return ClipCaptionModel(config, lm)
 
@@ -106,15 +131,21 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def check_state(model: ClipCaptionModel, state: Any, source: str) -> dict[str, torch.Tensor]:
     """The weights, in ClipCap's key layout (ours or theirs), checked against `model`'s names and
-    shapes (a meta_captioner will do); the LM may be absent when frozen."""
+    shapes (a meta_captioner will do); the LM may be absent when frozen, its cross-attention layers never."""
     if not isinstance(state, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in state.values()):
         raise InputError(f"{source}: the weights are not a state dict of tensors")
     state = {name: tensor for name, tensor in state.items() if not name.endswith(LEGACY_LM_BUFFERS)}
     expected = model.state_dict()
     tied = {name for name in expected if name.endswith("lm_head.weight")}  # tied to the embeddings
     lm_optional = not model.config.lm_in_checkpoint
+    # Cross-attention layers are trained weights: a checkpoint without them is refused, never filled
+    # with the fresh random ones the LM was built with.
     missing = [
-        name for name in expected if name not in state and name not in tied and not (lm_optional and name.startswith("gpt."))
+        name
+        for name in expected
+        if name not in state
+        and name not in tied
+        and not (lm_optional and name.startswith("gpt.") and not is_cross_attention_weight(name))
     ]
     unexpected = [name for name in state if name not in expected]
     if missing or unexpected:
@@ -146,7 +177,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             "use predict.py --weights with its settings"
         )
     config = CaptionerConfig.from_dict(checkpoint["config"], source=str(path))
-    lm = None if config.lm_in_checkpoint and config.lm_config else load_lm(config.lm_name)
+    lm = None if config.lm_in_checkpoint and config.lm_config else load_lm(config.lm_name, config.cross_attention)
     # Shapes first, on the meta device: a small file whose config declares a large model must not
     # cost that model's memory before it is found out.
     check_state(meta_captioner(config, lm), checkpoint["model"], str(path))

@@ -11,15 +11,20 @@ class CaptionerConfig:
     """Everything needed to rebuild a captioner and the image encoder it was trained on."""
 
     feature_dim: int  # width of the image features, read from the feature file
-    prefix_length: int = 10  # P: LM embeddings the mapper produces
+    prefix_length: int = 10  # P: LM embeddings the mapper produces (xattn: 1, the learned start embedding)
     prefix_length_clip: int = 10  # transformer mapper: tokens the image feature is split into
-    mapping_type: str = "mlp"  # a key of models.mappers.MAPPERS
+    mapping_type: str = "mlp"  # a key of models.mappers.MAPPERS; "xattn": cross-attention over patch tokens
     num_layers: int = 8  # transformer mapper depth
     normalize_prefix: bool = False  # L2-normalize image features before the mapper
     lm_name: str = "gpt2"  # transformers id or directory of the LM and its tokenizer
     lm_config: dict | None = None  # the LM's config.to_dict(): rebuilds a fine-tuned LM offline
     lm_in_checkpoint: bool = True  # False with --only_prefix: the LM comes from lm_name
     encoder: dict | None = None  # models.encoders.EncoderSpec as a dict (from the feature file's meta)
+
+    @property
+    def cross_attention(self) -> bool:
+        """Whether the LM cross-attends to patch tokens (xattn) rather than continuing a prefix."""
+        return self.mapping_type == "xattn"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,10 +1,12 @@
 """Contrastive image-text training (Stage 0): an image encoder and a CLIP text side in one module with a
-learnable temperature, the symmetric InfoNCE loss (CLIP's), and retrieval Recall@K to measure it."""
+learnable temperature, the symmetric InfoNCE loss (CLIP's) over one process's batch or over every torchrun
+process's batch together, and retrieval Recall@K to measure it."""
 
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -21,6 +23,34 @@ def info_nce_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_s
     logits = logit_scale * image_embeds @ text_embeds.T  # (B, B): image i against every text
     targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+class AllGather(torch.autograd.Function):
+    """all_gather of (b, D) rows, the same b on every process, into (W * b, D) in rank order. Backward
+    sums the gradient over the processes (each one's loss reaches every row) and keeps this one's rows.
+    (torch.distributed.nn's all_gather does this too, but is deprecated for a private API.)"""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()  # all_reduce works in place; autograd's gradient is not ours to change
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+
+
+def gather_batches(rows: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
+    """(sum(batch_sizes), D): every torchrun process's rows in rank order, rank r holding batch_sizes[r]
+    of them; the gradient of each row flows back to the process that computed it (a collective)."""
+    longest = max(batch_sizes)
+    padded = F.pad(rows, (0, 0, 0, longest - rows.shape[0]))  # all_gather needs one shape on every rank
+    parts = AllGather.apply(padded).split(longest)
+    return torch.cat([part[:size] for part, size in zip(parts, batch_sizes)])
 
 
 @dataclass
@@ -46,12 +76,23 @@ class ContrastivePair(nn.Module):
         return self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
     def forward(
-        self, pixels: torch.Tensor, text_embeds: torch.Tensor | None = None, text_inputs: dict | None = None
+        self,
+        pixels: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        text_inputs: dict | None = None,
+        batch_sizes: list[int] | None = None,
     ) -> ContrastiveOutput:
-        """The loss of a batch of (image, caption) pairs: the caption's embedding given, or its tokens."""
+        """The loss of a batch of (image, caption) pairs: the caption's embedding given, or its tokens. With
+        `batch_sizes` (every torchrun process's number of pairs, this one's included), the loss of them all."""
         image_embeds = self.image_encoder(pixels)  # (B, D)
         if text_embeds is None:
             text_embeds = self.text_encoder(**text_inputs)  # (B, D), with gradients into the text tower
+        if batch_sizes is not None:
+            # Every process's pairs are negatives of every other's (CLIP's global batch). Each process
+            # computes the same loss; all_gather's backward sums the processes' gradients into each one's
+            # own rows and DDP averages the weights' gradients, so a step equals one process's on the whole.
+            pairs = gather_batches(torch.cat((image_embeds.float(), text_embeds.float()), dim=1), batch_sizes)
+            image_embeds, text_embeds = pairs.split([image_embeds.shape[1], text_embeds.shape[1]], dim=1)
         scale = self.logit_scale()
         return ContrastiveOutput(info_nce_loss(image_embeds, text_embeds, scale), scale.detach())
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from data.errors import InputError
-from models.captioner import ClipCaptionModel
+from models.captioner import ClipCaptionModel, Conditioning, cross_attention_inputs
 from models.device import autocast
 
 METHODS = ("greedy", "beam", "sample")
@@ -132,16 +132,27 @@ def _cache_keyword(lm_class: type) -> str:
     return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"
 
 
+def _new_cache(lm: PreTrainedModel, cross_attention: bool) -> DynamicCache | EncoderDecoderCache:
+    self_attention = DynamicCache(config=lm.config)
+    if not cross_attention:
+        return self_attention
+    # The cross-attention half is filled by the first pass and only read after: its keys and values
+    # are computed once per image, and beam search repeats them per beam.
+    return EncoderDecoderCache(self_attention, DynamicCache(config=lm.config))
+
+
 class LanguageModelRows:
     """The rows being decoded, as the LM sees them: a KV cache that grows by one token a step, or
-    (use_cache=False) the whole embedded sequence, recomputed at every step as ClipCap does."""
+    (use_cache=False) the whole embedded sequence, recomputed at every step as ClipCap does. With
+    cross-attention, each row also keeps the patch-token states it attends to."""
 
-    def __init__(self, lm: PreTrainedModel, prefix_embeds: torch.Tensor, use_cache: bool):
+    def __init__(self, lm: PreTrainedModel, conditioning: Conditioning, use_cache: bool):
         self.lm = lm
         self.embed_tokens = lm.get_input_embeddings()
-        self.cache = DynamicCache(config=lm.config) if use_cache else None
+        self.cross_states = conditioning.cross_states  # (R, T, E) or None
+        self.cache = _new_cache(lm, self.cross_states is not None) if use_cache else None
         self.cache_keyword = _cache_keyword(type(lm))
-        self.sequence = prefix_embeds  # (R, P, E); grows by one embedding a step without the cache
+        self.sequence = conditioning.prefix  # (R, P, E); grows by one embedding a step without the cache
 
     def start(self) -> torch.Tensor:
         """Logits of the first caption token, (R, V), from the prefix alone."""
@@ -160,13 +171,19 @@ class LanguageModelRows:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep (and reorder to) `rows`: beams that survive, or sequences not yet finished."""
+        if self.cross_states is not None:
+            # GPT-2 runs its cross-attention only when given states; with the cache it reads the
+            # cached keys and values, so these just keep the rows' count and order.
+            self.cross_states = self.cross_states[rows]
         if self.cache is not None:
             self.cache.batch_select_indices(rows)
         else:
             self.sequence = self.sequence[rows]
 
     def repeat(self, times: int) -> None:
-        """Each row becomes `times` consecutive rows (one per beam)."""
+        """Each row becomes `times` consecutive rows (one per beam, or per sampled caption)."""
+        if self.cross_states is not None:
+            self.cross_states = self.cross_states.repeat_interleave(times, dim=0)
         if self.cache is not None:
             self.cache.batch_repeat_interleave(times)
         else:
@@ -180,6 +197,7 @@ class LanguageModelRows:
             use_cache=self.cache is not None,
             logits_to_keep=1,
             **{self.cache_keyword: self.cache},
+            **cross_attention_inputs(self.cross_states),
         )
         return output.logits[:, -1].float()  # (R, V)
 
@@ -214,14 +232,18 @@ def greedy_or_sample(
     options: DecodingOptions,
     generator: torch.Generator | None,
 ) -> list[list[Hypothesis]]:
-    """One sequence per row; rows are image-major (num_captions per image). Finished rows leave the batch."""
+    """num_captions sequences per image, from rows with one per image; the first pass runs once per
+    image, then rows are image-major (num_captions per image). Finished rows leave the batch."""
     device = stop_ids.device
     num_rows = num_images * options.num_captions
     table = torch.zeros(num_rows, options.max_length, dtype=torch.long, device=device)  # generated tokens
     lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
     log_probs = torch.zeros(num_rows, dtype=torch.float64, device=device)
     active = torch.arange(num_rows, device=device)  # which original row each LM row is
-    logits = rows.start()
+    logits = rows.start()  # (B, V)
+    if options.num_captions > 1:
+        rows.repeat(options.num_captions)
+        logits = logits.repeat_interleave(options.num_captions, dim=0)  # (B*n, V)
     for step in range(options.max_length):
         tokens = _next_tokens(logits, options, generator)  # (A,)
         # The model's own log-probability (temperature 1, unfiltered), so captions rank by likelihood.
@@ -317,35 +339,32 @@ def _max_positions(model: ClipCaptionModel) -> int | None:
 @torch.no_grad()
 def decode(
     model: ClipCaptionModel,
-    prefix_embeds: torch.Tensor,
+    conditioning: Conditioning,
     eos_token_id: int,
     options: DecodingOptions,
     stop_token_ids: tuple[int, ...] | list[int] = (),
     generator: torch.Generator | None = None,
 ) -> list[list[Hypothesis]]:
-    """Decode prefixes (B, P, E) into num_captions hypotheses per image, best first; a caption ends
-    at EOS, at a stop token, or after max_length tokens. Sampling draws from `generator`, else from
-    one seeded by options.seed (else torch's global generator)."""
-    num_images, prefix_length = prefix_embeds.shape[:2]
+    """Decode the images' conditioning (model.condition's output) into num_captions hypotheses per
+    image, best first; a caption ends at EOS, at a stop token, or after max_length tokens. Sampling
+    draws from `generator`, else from one seeded by options.seed (else torch's global generator)."""
+    num_images, prefix_length = conditioning.prefix.shape[:2]
     max_positions = _max_positions(model)
     if max_positions is not None and prefix_length + options.max_length > max_positions:
         raise InputError(
             f"--max_length {options.max_length}: prefix ({prefix_length}) plus caption exceeds the LM's "
             f"{max_positions} positions"
         )
-    device = prefix_embeds.device
+    device = conditioning.prefix.device
     stop_ids = torch.tensor([eos_token_id, *stop_token_ids], device=device)
     vocab_size = model.gpt.get_output_embeddings().weight.shape[0]  # the logits' width
     if options.method == "beam" and options.beam_size > vocab_size:
         raise InputError(f"--beam_size {options.beam_size}: more beams than the LM's {vocab_size} tokens")
+    rows = LanguageModelRows(model.gpt, conditioning, options.use_cache)
     if options.method == "beam":
-        rows = LanguageModelRows(model.gpt, prefix_embeds, options.use_cache)
         return beam_search(rows, num_images, stop_ids, options)
     if generator is None:
         generator = sampling_generator(options, device)
-    # num_captions independent rows per image, image-major
-    prefix_embeds = prefix_embeds.repeat_interleave(options.num_captions, dim=0)  # (B*n, P, E)
-    rows = LanguageModelRows(model.gpt, prefix_embeds, options.use_cache)
     return greedy_or_sample(rows, num_images, stop_ids, options, generator)
 
 
@@ -376,7 +395,8 @@ def caption_features(
     progress: bool = False,
     generator: torch.Generator | None = None,
 ) -> list[list[str]]:
-    """Caption image features (N, D): num_captions captions per row, best first. The model must
+    """Caption image features, (N, D) or patch tokens (N, T, D): num_captions captions per row, best
+    first. The model must
     already be on `device` (default: where its weights are); it is put in eval mode meanwhile.
     Sampling draws from `generator` (a caller that captions in several calls passes one it keeps)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -390,10 +410,10 @@ def caption_features(
     try:
         with tqdm(total=features.shape[0], unit="image", desc="captioning", disable=not progress) as bar:
             for start in range(0, features.shape[0], batch_size):
-                batch = features[start : start + batch_size].to(device)  # (b, D)
+                batch = features[start : start + batch_size].to(device)  # (b, D) or (b, T, D)
                 with torch.no_grad(), autocast(device, precision):
-                    prefix_embeds = model.embed_prefix(batch)  # (b, P, E)
-                    hypotheses = decode(model, prefix_embeds, tokenizer.eos_token_id, options, stop_ids, generator)
+                    conditioning = model.condition(batch)
+                    hypotheses = decode(model, conditioning, tokenizer.eos_token_id, options, stop_ids, generator)
                 captions.extend([caption_text(tokenizer, h.tokens) for h in group] for group in hypotheses)
                 bar.update(batch.shape[0])
     finally:

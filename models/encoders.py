@@ -23,7 +23,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import logging as transformers_logging
 
 from data.errors import InputError
-from models.aligned import AlignedImageEncoder, is_aligned_dir, load_aligned_encoder
+from models.aligned import AlignedImageEncoder, is_aligned_dir, load_aligned_encoder, save_aligned_encoder
 
 Preprocess = Callable[[Any], torch.Tensor]  # PIL.Image (RGB) -> (3, crop, crop) float32
 
@@ -54,7 +54,12 @@ FAMILY_OF_MODEL_TYPE = {
     "dinov2_with_registers": "dinov2",
 }
 # "aligned": a train_clip.py directory (any tower); its features are the projection head's embeddings.
-FEATURE_TYPES = {"clip": ("image_embeds",), "dinov2": ("cls", "avg_patch", "cls_avg_patch"), "aligned": ("projected",)}
+# "patch_tokens": a (T, D) matrix per image, the CLS token then the patch tokens (no registers).
+FEATURE_TYPES = {
+    "clip": ("image_embeds", "patch_tokens"),
+    "dinov2": ("cls", "avg_patch", "cls_avg_patch", "patch_tokens"),
+    "aligned": ("projected",),
+}
 DINOV2_RESIZE_DIM = 256  # DINOv2's evaluation transform: resize to 256, crop 224
 DINOV2_CROP_DIM = 224
 MAX_IMAGE_SIDE = 4096  # a larger resize or crop is a typo, and would exhaust memory before any message
@@ -66,19 +71,21 @@ class EncoderSpec:
 
     family: str  # "clip", "dinov2" or "aligned"
     name: str  # resolved transformers id or local directory
-    feature_type: str  # "image_embeds" (CLIP); "cls", "avg_patch" or "cls_avg_patch" (DINOv2); "projected"
+    feature_type: str  # "image_embeds" (CLIP); "cls", "avg_patch" or "cls_avg_patch" (DINOv2); "projected";
+    # "patch_tokens" (CLIP and DINOv2)
     resize_dim: int  # short side after the bicubic resize
     crop_dim: int  # side of the center crop the model sees
     mean: list[float]
     std: list[float]
-    feature_dim: int
+    feature_dim: int  # D: the width of a vector, or of each token for patch_tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class ImageEncoder(nn.Module):
-    """A frozen vision model that turns pixels (B, 3, H, W) into one float32 vector per image (B, D)."""
+    """A frozen vision model that turns pixels (B, 3, H, W) into float32 features: one vector per image
+    (B, D), or for patch_tokens one token matrix per image (B, T, D)."""
 
     def __init__(self, model: PreTrainedModel | AlignedImageEncoder, spec: EncoderSpec):
         super().__init__()
@@ -86,6 +93,7 @@ class ImageEncoder(nn.Module):
         self.spec = spec
         # Register tokens (DINOv2 *_reg) sit between the CLS token and the patch tokens.
         self.num_prefix_tokens = 1 + getattr(getattr(model, "config", None), "num_register_tokens", 0)
+        self.row_shape = _row_shape(model, spec)
 
     def train(self, mode: bool = True) -> "ImageEncoder":
         """Keep the frozen model in eval mode whatever mode is asked for."""
@@ -94,13 +102,20 @@ class ImageEncoder(nn.Module):
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels (B, 3, crop, crop), normalized by `preprocess` -> features (B, D) float32."""
+        """Pixels (B, 3, crop, crop), normalized by `preprocess` -> features (B, D), or (B, T, D) for
+        patch_tokens, float32."""
         if self.spec.family == "aligned":
             return self.model(pixel_values).float()  # (B, D): tower, then projection head
+        if self.spec.feature_type == "patch_tokens" and self.spec.family == "clip":
+            # The tower's last hidden states, CLS then patches: before CLIP's post-layernorm and projection,
+            # which it applies to the CLS token alone.
+            return self.model.vision_model(pixel_values=pixel_values).last_hidden_state.float()  # (B, 1 + N, H)
         if self.spec.family == "clip":
             # The projected CLS token: what OpenAI CLIP's encode_image returns (not L2-normalized).
             return self.model(pixel_values=pixel_values).image_embeds.float()  # (B, D)
         hidden = self.model(pixel_values=pixel_values).last_hidden_state  # (B, 1 + R + N, H), final-normed
+        if self.spec.feature_type == "patch_tokens":  # the registers are left out
+            return torch.cat((hidden[:, :1], hidden[:, self.num_prefix_tokens :]), dim=1).float()  # (B, 1 + N, H)
         cls_token = hidden[:, 0]  # (B, H)
         if self.spec.feature_type == "cls":
             return cls_token.float()
@@ -108,6 +123,14 @@ class ImageEncoder(nn.Module):
         if self.spec.feature_type == "avg_patch":
             return mean_patch.float()
         return torch.cat((cls_token, mean_patch), dim=1).float()  # (B, 2H)
+
+
+def _row_shape(model: PreTrainedModel | AlignedImageEncoder, spec: EncoderSpec) -> tuple[int, ...]:
+    """One image's feature shape: (D,), or (T, D) for patch_tokens with T = 1 + (crop // patch)^2."""
+    if spec.feature_type != "patch_tokens":
+        return (spec.feature_dim,)
+    patches_per_side = spec.crop_dim // model.config.patch_size  # the patch embedding's stride drops the rest
+    return (1 + patches_per_side**2, spec.feature_dim)
 
 
 def build_preprocess(resize_dim: int, crop_dim: int, mean: list[float], std: list[float]) -> Preprocess:
@@ -235,7 +258,9 @@ def load_encoder(
         mean, std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
     _check_image_sizes(resize_dim, crop_dim, vision.patch_size)  # before the weights load: it takes a while
     model = _load_model(model_id, name, config)
-    if family == "clip":
+    if feature_type == "patch_tokens":
+        feature_dim = vision.hidden_size  # each token's width, before any projection
+    elif family == "clip":
         feature_dim = model.visual_projection.out_features  # the projection itself, not a config field
     else:
         feature_dim = model.config.hidden_size * (2 if feature_type == "cls_avg_patch" else 1)
@@ -251,6 +276,10 @@ def _load_aligned(
     """A train_clip.py encoder directory: its recorded preprocessing, its projected features."""
     model = load_aligned_encoder(directory)
     config = model.config
+    if feature_type == "patch_tokens":
+        raise InputError(
+            f"{directory}: an aligned encoder (train_clip.py) gives projected embeddings only, not {feature_type}"
+        )
     if feature_type not in (None, *FEATURE_TYPES["aligned"]):
         raise InputError(f"feature type {feature_type!r}: an aligned encoder gives 'projected' features only")
     resize_dim = config.resize_dim if resize_dim is None else resize_dim
@@ -263,6 +292,17 @@ def _load_aligned(
         "aligned", resolved, "projected", resize_dim, crop_dim, list(config.mean), list(config.std), config.feature_dim
     )
     return ImageEncoder(model, spec), build_preprocess(resize_dim, crop_dim, spec.mean, spec.std)
+
+
+def save_encoder(encoder: ImageEncoder, directory: str | os.PathLike) -> Path:
+    """Save the encoder's weights (safetensors) and config to `directory`, which `load_encoder` opens by path
+    like the original: an aligned encoder as train_clip.py writes it, a CLIP or DINOv2 model as
+    `save_pretrained` does (a whole CLIP keeps only the vision tower and projection it encodes with)."""
+    directory = Path(directory)
+    if isinstance(encoder.model, AlignedImageEncoder):
+        return save_aligned_encoder(directory, encoder.model)
+    encoder.model.save_pretrained(directory)
+    return directory
 
 
 def encoder_from_spec(spec: dict[str, Any]) -> tuple[ImageEncoder, Preprocess]:

@@ -1,5 +1,7 @@
-"""Mappers from an image feature to `prefix_length` LM embeddings, with ClipCap's architecture
-and parameter names, so its checkpoints load here and ours load there."""
+"""Mappers from image features to what the LM is conditioned on: ClipCap's prefix mappers (one
+feature -> `prefix_length` LM embeddings, with ClipCap's architecture and parameter names, so its
+checkpoints load here and ours load there), and the projection of patch tokens that an LM with
+cross-attention layers attends to."""
 
 import torch
 import torch.nn.functional as F
@@ -106,4 +108,22 @@ class TransformerMapper(nn.Module):
         return self.transformer(tokens)[:, self.clip_length :]  # (B, P, E)
 
 
-MAPPERS = {"mlp": MLPMapper, "transformer": TransformerMapper}
+class CrossAttentionProjection(nn.Module):
+    """xattn: patch tokens (B, T, D) -> LM-width states (B, T, E) for the LM's cross-attention layers.
+    There is no image prefix: the caption follows one learned start embedding, `start` (1, E)."""
+
+    def __init__(self, config: CaptionerConfig, embed_dim: int):
+        super().__init__()
+        # CLIP's last hidden states come before its final LayerNorm, DINOv2's after: normalizing here
+        # gives the projection the same scale whichever encoder made the tokens.
+        self.norm = nn.LayerNorm(config.feature_dim)
+        self.linear = nn.Linear(config.feature_dim, embed_dim)
+        self.start = nn.Parameter(torch.zeros(1, embed_dim))  # the captioner sets it to the LM's BOS embedding
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(features))  # (B, T, E)
+
+
+MAPPERS = {"mlp": MLPMapper, "transformer": TransformerMapper, "xattn": CrossAttentionProjection}
+# The mappers of ClipCap's own weights (predict.py --weights).
+PREFIX_MAPPERS = ("mlp", "transformer")

@@ -142,18 +142,20 @@ def text_model_key(scorer: ClipScorer) -> str:
 
 
 def cached_text_embeddings(
-    scorer: ClipScorer, texts: list[str], cache_dir: Path, model_key: str, write: bool
+    scorer: ClipScorer, texts: list[str], cache_dir: Path, model_key: str, main: bool
 ) -> torch.Tensor:
-    """(M, D) normalized embeddings of `texts`: from the cache when it holds them, else computed and cached."""
+    """(M, D) normalized embeddings of `texts`: from the cache when it holds them, else computed, and cached
+    by the `main` process (the one that reports; torchrun's rank 0)."""
     path = cache_path(cache_dir, model_key, texts)
     width = scorer.model.config.projection_dim
     embeddings = read_cached_embeddings(path, len(texts), width)
     if embeddings is not None:
-        print(f"text embeddings of {len(texts)} captions from the cache ({path.name})")
+        if main:
+            print(f"text embeddings of {len(texts)} captions from the cache ({path.name})")
         return embeddings
     start = time.perf_counter()
     embeddings = scorer.text_embeddings(texts).cpu()
-    print(f"embedded {len(texts)} captions with the frozen text tower in {time.perf_counter() - start:.1f} s")
-    if write:
+    if main:
+        print(f"embedded {len(texts)} captions with the frozen text tower in {time.perf_counter() - start:.1f} s")
         write_cached_embeddings(path, embeddings)
     return embeddings

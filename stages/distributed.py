@@ -3,6 +3,7 @@
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,24 @@ def wait_for_main(group: dist.ProcessGroup | None) -> None:
     """Every rank waits here until the main process has finished its work alone (see main_work_group)."""
     if group is not None:
         dist.barrier(group=group)
+
+
+def gather_counts(count: int, context: DistributedContext, device: torch.device) -> list[int]:
+    """Every rank's `count`, in rank order (a collective: all ranks must call it)."""
+    if not context.enabled:
+        return [count]
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(context.world_size)]
+    dist.all_gather(counts, torch.tensor([count], device=device))  # NCCL gathers tensors on the rank's device
+    return [int(value) for value in counts]
+
+
+def gather_objects(value: Any, context: DistributedContext) -> list[Any]:
+    """Every rank's picklable `value`, in rank order (a collective: all ranks must call it)."""
+    if not context.enabled:
+        return [value]
+    values: list[Any] = [None] * context.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def close_distributed() -> None:

@@ -13,8 +13,8 @@ NONFINITE_REASON = "the encoder gave NaN or infinite features"
 def encode_pixels(
     encoder: ImageEncoder, pixels: torch.Tensor, device: torch.device, precision: str
 ) -> tuple[torch.Tensor, list[int]]:
-    """(b, 3, H, W) pixels -> ((b, D) float32 CPU features, the rows holding NaN or infinity)."""
+    """(b, 3, H, W) pixels -> ((b, D) or (b, T, D) float32 CPU features, the rows holding NaN or infinity)."""
     with autocast(device, precision):
-        features = encoder(pixels.to(device, non_blocking=True))  # (b, D)
+        features = encoder(pixels.to(device, non_blocking=True))  # (b, *encoder.row_shape)
     features = features.float().cpu()
     return features, nonfinite_rows(features)

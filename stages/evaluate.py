@@ -33,9 +33,10 @@ from data.references import (
 )
 from data.store import read_features
 from models.captioner import ClipCaptionModel
-from models.checkpoint import load_checkpoint, load_tokenizer
+from models.checkpoint import captioner_tokenizer
 from models.decoding import DecodingOptions, decoding_options_from_args
 from models.device import resolve_device, resolve_precision
+from models.hf_export import load_captioner
 from stages.predict import caption_feature_file, check_features_fit
 
 # Metric groups as pycocoevalcap names them, and the score keys each one yields.
@@ -306,11 +307,11 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         "images_without_prediction": len(all_references) - len(references),  # > 0 only with --allow_missing
     }
     if args.checkpoint is not None:
-        model = load_checkpoint(args.checkpoint, map_location=device).to(device)
+        model = load_captioner(args.checkpoint, map_location=device).to(device)
         check_features_fit(feature_file, model, args.features)
         captioned = caption_feature_file(
             model,
-            load_tokenizer(model.config.lm_name),
+            captioner_tokenizer(model),
             feature_file,
             options,
             batch_size=args.batch_size,

@@ -22,9 +22,9 @@ from tqdm import tqdm
 from data.annotations import ImageRecord, inside_images_dir, read_annotations
 from data.atomic import check_outputs, remove_stale_temporaries, write_json_atomic
 from data.errors import InputError
-from data.features import FEATURES_KEY, FeatureFile, write_feature_file
+from data.features import FEATURES_KEY, FeatureFile, check_pickle_fits, write_feature_file
 from data.images import IMAGE_CONVERSION, ImageDataset, collate_images
-from data.store import check_store_output, clear_store, write_store
+from data.store import check_store_output, clear_store, default_feature_dtype, write_store
 from data.webdataset_input import expand_shard_urls
 from models.device import DEVICE_HELP, PRECISION_HELP, resolve_precision
 from models.encoders import ImageEncoder, Preprocess, load_encoder
@@ -42,7 +42,7 @@ class EncodedBatch:
     """Features of the images of one batch that decoded, and the reasons of those that did not."""
 
     indices: list[int]  # positions in the `paths` given, one per feature row
-    features: torch.Tensor  # (b, D) float32 on the CPU
+    features: torch.Tensor  # (b, D), or (b, T, D) for token features, float32 on the CPU
     failures: list[tuple[int, str]]  # (position, reason)
 
 
@@ -66,15 +66,14 @@ def iter_encoded_batches(
         pin_memory=device.type == "cuda",
     )
     encoder.to(device).eval()
-    feature_dim = encoder.spec.feature_dim
     bar = tqdm(total=len(paths), unit="img", desc="encoding", disable=not progress, dynamic_ncols=True)
     skipped = 0
     with bar, torch.inference_mode():
         for indices, pixels, failures in loader:
             if pixels is None:
-                features = torch.empty(0, feature_dim)
+                features = torch.empty(0, *encoder.row_shape)
             else:
-                features, bad_rows = encode_pixels(encoder, pixels, device, precision)  # (b, D)
+                features, bad_rows = encode_pixels(encoder, pixels, device, precision)  # (b, D) or (b, T, D)
                 bad = set(bad_rows)
                 if bad:  # an image the encoder cannot represent fails alone, not its batch or the file
                     failures = failures + [(indices[row], NONFINITE_REASON) for row in sorted(bad)]
@@ -106,13 +105,15 @@ def _build_feature_file(records: list[ImageRecord], encoded: dict[int, torch.Ten
     kept = [index for index in range(len(records)) if index in encoded]
     if not kept:
         return None
-    embeddings = torch.stack([encoded[index] for index in kept])  # (N, D)
+    embeddings = torch.stack([encoded[index] for index in kept])  # (N, D) or (N, T, D)
     captions = [
         {"image_id": records[index].image_id, "caption": caption, FEATURES_KEY: row}
         for row, index in enumerate(kept)
         for caption in records[index].captions
     ]
-    meta = {**meta, "num_images": len(kept), "num_captions": len(captions), "feature_dim": embeddings.shape[1]}
+    counts = {"num_images": len(kept), "num_captions": len(captions)}
+    shape = {"feature_dim": embeddings.shape[-1], "row_shape": list(embeddings.shape[1:])}
+    meta = {**meta, **counts, **shape}
     return FeatureFile(embeddings, captions, meta)
 
 
@@ -134,7 +135,7 @@ def extract_features(
     checkpoint_every: int = 2000,
     allow_outside_images_dir: bool = False,
     output_format: str = "pickle",
-    feature_dtype: str = "fp32",
+    feature_dtype: str | None = None,
 ) -> ExtractionResult | None:
     """Encode every record's image into `output_file` (rank 0 writes; other ranks return None).
 
@@ -214,7 +215,7 @@ def _merge(
     output_file: str | os.PathLike,
     meta: dict,
     output_format: str,
-    feature_dtype: str,
+    feature_dtype: str | None,
 ) -> ExtractionResult:
     """Rank 0: the store's results become the feature file and the skipped-images report."""
     encoded, failed = store.load()
@@ -317,11 +318,16 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise InputError(f"--num_workers {args.num_workers}: must be 0 or more")
 
 
+def _describe_row(row_shape: tuple[int, ...]) -> str:
+    """One image's features in words: '512 features', or '50 tokens x 768 features'."""
+    return f"{row_shape[0]} tokens x {row_shape[1]} features" if len(row_shape) == 2 else f"{row_shape[0]} features"
+
+
 def print_summary(result: ExtractionResult, output_file: Path) -> None:
     """Rows, captions, and every skipped image (the first few on screen, all in the report)."""
     features = result.features
     print(
-        f"wrote {output_file}: {features.embeddings.shape[0]} images x {features.feature_dim} features, "
+        f"wrote {output_file}: {features.embeddings.shape[0]} images x {_describe_row(features.row_shape)}, "
         f"{len(features.captions)} captions; {len(result.skipped)} images skipped"
     )
     for entry in result.skipped[:MAX_SKIPPED_SHOWN]:
@@ -334,7 +340,10 @@ def print_summary(result: ExtractionResult, output_file: Path) -> None:
 
 def print_webdataset_summary(result: WebdatasetResult, output_dir: Path) -> None:
     """Rows, skipped samples by shard (one line each), and where the full list is."""
-    print(f"wrote {output_dir}: {result.num_images} images x {result.feature_dim} features; {len(result.skipped)} samples skipped")
+    print(
+        f"wrote {output_dir}: {result.num_images} images x {_describe_row(result.row_shape)}; "
+        f"{len(result.skipped)} samples skipped"
+    )
     for note in result.shard_notes[:MAX_SKIPPED_SHOWN]:
         print(f"  {note}")
     if result.skipped:
@@ -372,8 +381,12 @@ def run_extraction(
         encoder, preprocess = load_encoder(
             model_name, family=family, feature_type=feature_type, resize_dim=resize_dim, crop_dim=crop_dim
         )
+        if not shards:  # before any image is encoded: a pickle of token features is built whole in memory
+            check_pickle_fits(output_file, len(records), encoder.row_shape)
+        feature_dtype = args.feature_dtype or default_feature_dtype(encoder.row_shape)
         if context.is_main:
             config = {**vars(args), "output_file": str(output_file), "device": str(device), "precision": precision}
+            config["feature_dtype"] = feature_dtype
             count = {"shards": len(urls)} if args.input_format == "webdataset" else {"images": len(records)}
             config.update(world_size=context.world_size, **count, encoder=encoder.spec.to_dict())
             print("config:", *(f"  {key}: {value}" for key, value in config.items()), sep="\n")
@@ -395,7 +408,7 @@ def run_extraction(
                 output_file,
                 image_key=args.wds_image_key,
                 caption_key=args.wds_caption_key,
-                feature_dtype=args.feature_dtype,
+                feature_dtype=feature_dtype,
                 skipped_file=skipped_path(output_file),
                 meta=meta,
                 **common,
@@ -414,7 +427,7 @@ def run_extraction(
             checkpoint_every=args.checkpoint_every,
             allow_outside_images_dir=args.allow_outside_images_dir,
             output_format=args.output_format,
-            feature_dtype=args.feature_dtype,
+            feature_dtype=feature_dtype,
             **common,
         )
         if result is not None:

@@ -26,7 +26,7 @@ class Chunk:
     """Results for some images, by their index in the annotation file's image list."""
 
     indices: list[int] = field(default_factory=list)  # encoded images, one per feature row
-    features: list[torch.Tensor] = field(default_factory=list)  # (b, D) blocks, rows in `indices` order
+    features: list[torch.Tensor] = field(default_factory=list)  # (b, D) or (b, T, D) blocks, rows in `indices` order
     failures: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
 
     @property

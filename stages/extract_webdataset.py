@@ -46,7 +46,7 @@ class WebdatasetResult:
     """What rank 0 wrote: the store's counts and every skipped sample."""
 
     num_images: int
-    feature_dim: int
+    row_shape: tuple[int, ...]  # one image's features: (D,) or (T, D)
     skipped: list[dict]  # {"image_id", "shard", "reason"}
     skipped_file: Path
     shard_notes: list[str]  # one line per shard with skipped samples or an early end
@@ -142,7 +142,7 @@ def extract_webdataset(
         dist.barrier()  # every rank's shards are on disk
     if not context.is_main:
         return None
-    return _finish_store(urls, output_dir, spec["feature_dim"], feature_dtype, skipped_file, meta, notes)
+    return _finish_store(urls, output_dir, encoder.row_shape, feature_dtype, skipped_file, meta, notes)
 
 
 def _encode_shards(
@@ -185,7 +185,7 @@ def _encode_shards(
             if not batch.opened:  # not recorded: --resume tries it again
                 notes.append(f"{batch.url}: {batch.error}; not done, run again with --resume to retry it")
                 continue
-            _write_shard(output_dir, batch.shard, results, encoder.spec.feature_dim, feature_dtype)
+            _write_shard(output_dir, batch.shard, results, encoder.row_shape, feature_dtype)
             if (note := _shard_note(batch.url, results, batch.error)) is not None:
                 notes.append(note)
     return notes
@@ -196,7 +196,7 @@ def _add_batch(
 ) -> None:
     keys, captions, failures = batch.keys, batch.captions, list(batch.failures)
     if batch.pixels is not None:
-        features, bad = encode_pixels(encoder, batch.pixels, device, precision)  # (b, D)
+        features, bad = encode_pixels(encoder, batch.pixels, device, precision)  # (b, D) or (b, T, D)
         if bad:  # a sample the encoder cannot represent is skipped alone
             failures += [(keys[row], NONFINITE_REASON) for row in bad]
             keep = [row for row in range(len(keys)) if row not in set(bad)]
@@ -207,9 +207,11 @@ def _add_batch(
     results.failures += failures
 
 
-def _write_shard(output_dir: Path, number: int, results: _ShardResults, feature_dim: int, dtype: str) -> None:
+def _write_shard(
+    output_dir: Path, number: int, results: _ShardResults, row_shape: tuple[int, ...], dtype: str
+) -> None:
     """The shard's files, then its record (which marks it done)."""
-    features = torch.cat(results.features) if results.features else torch.empty(0, feature_dim)
+    features = torch.cat(results.features) if results.features else torch.empty(0, *row_shape)
     captions = [(key, caption, row) for row, (key, caption) in enumerate(zip(results.keys, results.captions))]
     skipped = [{"image_id": key, "reason": reason} for key, reason in results.failures]
     extra = {"source": results.url, "num_skipped": len(skipped)}
@@ -218,7 +220,13 @@ def _write_shard(output_dir: Path, number: int, results: _ShardResults, feature_
 
 
 def _finish_store(
-    urls: list[str], output_dir: Path, feature_dim: int, dtype: str, skipped_file: Path, meta: dict, notes: list[str]
+    urls: list[str],
+    output_dir: Path,
+    row_shape: tuple[int, ...],
+    dtype: str,
+    skipped_file: Path,
+    meta: dict,
+    notes: list[str],
 ) -> WebdatasetResult:
     """Rank 0: every shard's record into meta.json, the skipped samples into their report."""
     records = [_read_record(output_dir, number) for number in range(len(urls))]
@@ -238,11 +246,11 @@ def _finish_store(
     if not num_images:
         raise InputError(f"no image could be encoded ({len(skipped)} skipped, listed in {skipped_file})")
     shards = [{key: value for key, value in record.items() if key != "skipped"} for record in records]
-    write_store_meta(output_dir, {**meta, "num_skipped": len(skipped)}, shards, feature_dim, dtype)
+    write_store_meta(output_dir, {**meta, "num_skipped": len(skipped)}, shards, row_shape, dtype)
     for number in range(len(urls)):  # the store is whole: the extraction's bookkeeping goes
         _record_path(output_dir, number).unlink(missing_ok=True)
     (output_dir / SETTINGS_FILE).unlink(missing_ok=True)
-    return WebdatasetResult(num_images, feature_dim, skipped, skipped_file, notes)
+    return WebdatasetResult(num_images, row_shape, skipped, skipped_file, notes)
 
 
 def webdataset_meta(spec: dict, precision: str, pattern: str, image_key: str, caption_key: str) -> dict:
@@ -285,7 +293,7 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
     )
     scale.add_argument(
         "--feature_dtype",
-        default="fp32",
+        default=None,
         choices=tuple(FEATURE_DTYPES),
-        help="the store's float type (--output_format shards) (default: %(default)s)",
+        help="the store's float type (--output_format shards) (default: fp32, fp16 for --feature_type patch_tokens)",
     )

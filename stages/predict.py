@@ -1,5 +1,5 @@
-"""Stage 3 behind predict.py: rebuild a captioner (our checkpoint, or an original ClipCap state dict
-with its settings), encode images with the encoder it was trained on, and caption them."""
+"""Stage 3 behind predict.py: rebuild a captioner (our checkpoint or export directory, or an original
+ClipCap state dict with its settings), encode images with the encoder it was trained on, and caption them."""
 
 import argparse
 import os
@@ -20,11 +20,12 @@ from data.predictions import expand_image_inputs, write_coco_results
 from data.sheet import draw_contact_sheet, sheet_format
 from data.store import read_features
 from models.captioner import ClipCaptionModel
-from models.checkpoint import load_checkpoint, load_clipcap_weights, load_tokenizer
+from models.checkpoint import captioner_tokenizer, load_clipcap_weights
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_features, decoding_options_from_args, sampling_generator
 from models.device import resolve_device, resolve_precision
 from models.encoders import ImageEncoder, Preprocess, encoder_from_spec, load_encoder
+from models.hf_export import load_captioner
 from stages.extract import iter_encoded_batches
 
 PROGRESS_FROM = 8  # images; fewer than this get no progress bar
@@ -54,8 +55,8 @@ def check_features_fit(feature_file: FeatureFile, model: ClipCaptionModel, sourc
 
 
 def load_for_images(checkpoint: str | os.PathLike) -> tuple[ClipCaptionModel, ImageEncoder, Preprocess]:
-    """A checkpoint's captioner and the encoder (with preprocessing) its config records."""
-    model = load_checkpoint(checkpoint)
+    """A checkpoint's (or export's) captioner and the encoder (with preprocessing) its config records."""
+    model = load_captioner(checkpoint)
     if not model.config.encoder:
         raise InputError(f"{checkpoint}: the config records no image encoder; caption a feature file with --features")
     encoder, preprocess = encoder_from_spec(model.config.encoder)
@@ -179,9 +180,9 @@ def predict_features(
     if args.weights:
         model = load_clipcap_weights(args.weights, _clipcap_settings(args, feature_file.feature_dim))
     else:
-        model = load_checkpoint(args.checkpoint)
+        model = load_captioner(args.checkpoint)
     check_features_fit(feature_file, model, args.features)
-    tokenizer = load_tokenizer(model.config.lm_name)
+    tokenizer = captioner_tokenizer(model)
     results = caption_feature_file(
         model.to(device),
         tokenizer,
@@ -209,7 +210,7 @@ def predict_images(
         )
     else:
         model, encoder, preprocess = load_for_images(args.checkpoint)
-    tokenizer = load_tokenizer(model.config.lm_name)
+    tokenizer = captioner_tokenizer(model)
     model.to(device)
     captioned, failed = [], 0
     results = caption_image_files(

@@ -177,12 +177,12 @@ def scst_loss(
     device = features.device
     sample = DecodingOptions(method="sample", num_captions=num_samples, max_length=max_length)
     with torch.no_grad(), autocast(device, precision):
-        prefix = model.embed_prefix(features)  # (B, P, E)
-        hypotheses = decode(model, prefix, tokenizer.eos_token_id, sample)  # B lists of K
+        conditioning = model.condition(features)
+        hypotheses = decode(model, conditioning, tokenizer.eos_token_id, sample)  # B lists of K
         greedy = None
         if baseline == "greedy":
             greedy_options = DecodingOptions(method="greedy", max_length=max_length)
-            greedy = decode(model, prefix, tokenizer.eos_token_id, greedy_options)
+            greedy = decode(model, conditioning, tokenizer.eos_token_id, greedy_options)
     captions = [caption_text(tokenizer, hypothesis.tokens) for group in hypotheses for hypothesis in group]
     sample_ids = [image_id for image_id in image_ids for _ in range(num_samples)]
     rewards = scorer(sample_ids, captions).view(len(image_ids), num_samples)  # (B, K)

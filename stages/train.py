@@ -31,6 +31,7 @@ from stages.distributed import (
     main_work_group,
     wait_for_main,
 )
+from stages.export import check_training_export, export_trained
 from stages.tracking import make_tracker
 from stages.train_options import TrainingOptions, captioner_config, check_option_values
 from stages.train_state import (
@@ -359,19 +360,24 @@ class Trainer:
             record["val_loss"] = self.validation_loss()
             self.keep_best_loss(epoch, record["val_loss"])
         last = epoch == self.options.epochs - 1
+        scores: dict[str, float] = {}
         if (
             self.options.eval_every > 0
             and ((epoch + 1) % self.options.eval_every == 0 or last)
             and self.context.is_main
         ):
-            record.update(self.score_validation(epoch))
+            scores = self.score_validation(epoch)
+            record.update(scores)
         if record:
             self.log.write(step=self.position["step"], epoch=epoch, **record)
             if self.context.is_main:
                 tqdm.write(f"epoch {epoch}: " + ", ".join(f"{name} {value:.4f}" for name, value in record.items()))
         if self.context.is_main and (epoch % self.options.save_every == 0 or last):
             # ClipCap's numbering: epochs count from 0, and the last one is always saved.
-            save_checkpoint(self.files.epoch_checkpoint(epoch), self.model, epoch=epoch)
+            # A scored epoch keeps its scores, as `_best.pt` does (an export's model card shows them).
+            save_checkpoint(
+                self.files.epoch_checkpoint(epoch), self.model, epoch=epoch, **({"scores": scores} if scores else {})
+            )
         # Scoring and saving above can outlast a collective's timeout; the next collective is save_latest's.
         wait_for_main(self.main_work)
         self.save_latest()
@@ -444,11 +450,16 @@ class Trainer:
 
 
 def run_training(options: TrainingOptions, trainer_class: type[Trainer] = Trainer) -> ClipCaptionModel:
-    """Train as `options` say (joining torchrun's process group when launched by it); returns the model."""
+    """Train as `options` say (joining torchrun's process group when launched by it), export the final
+    checkpoint with --export_hf (rank 0); returns the model."""
     check_option_values(options)  # before anything is created, the run's lock file included
+    check_training_export(options)
     context, device = init_distributed(options.device)
     try:
         with RunFiles(Path(options.out_dir), options.prefix).locked(context.is_main):
-            return trainer_class(options, context, device).fit()
+            model = trainer_class(options, context, device).fit()
+            if options.export_hf and context.is_main:
+                export_trained(options)  # under the lock: no other run replaces the checkpoint meanwhile
+            return model
     finally:
         close_distributed()

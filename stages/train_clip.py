@@ -4,7 +4,9 @@ loss, one random caption per image per epoch, Recall@1/5/10 both ways on a valid
 opens like any other. With the text tower frozen (the default) every caption is embedded once and cached.
 
 The run's files, lock, resume checks, RNG states and step log are Stage 2's (stages/train_state.py), and
-so are the epoch order, the gradient step and torchrun's process group."""
+so are the epoch order, the gradient step and torchrun's process group. Under torchrun each process takes
+its share of every epoch's images, the InfoNCE batch is all processes' batches together (CLIP's), and rank 0
+alone embeds the frozen captions, validates and writes, while the others wait."""
 
 import argparse
 import math
@@ -15,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -33,7 +34,15 @@ from models.contrastive import ContrastivePair, retrieval_recall
 from models.device import autocast, resolve_precision
 from models.encoders import EncoderSpec, Preprocess, build_preprocess
 from stages.align_sides import CaptionedImages, build_image_side, cached_text_embeddings, text_model_key
-from stages.distributed import DistributedContext, close_distributed, init_distributed, main_work_group, wait_for_main
+from stages.distributed import (
+    DistributedContext,
+    close_distributed,
+    gather_counts,
+    gather_objects,
+    init_distributed,
+    main_work_group,
+    wait_for_main,
+)
 from stages.extract import iter_encoded_batches
 from stages.tracking import make_tracker
 from stages.train import apply_gradients, epoch_order
@@ -112,6 +121,7 @@ class AlignmentTrainer:
         if args.val_captions_file is None and args.val_split == args.split:
             raise InputError(f"--val_split {args.val_split} is the training split; validate on held-out images")
 
+        self.main_work = main_work_group(context)  # the other ranks wait there while rank 0 works alone
         self.scorer = ClipScorer(args.text_encoder, device, args.eval_batch_size, purpose="--text_encoder")
         text_dim = self.scorer.model.config.projection_dim
         torch.manual_seed(args.seed)  # the projection head's (and a random tower's) initial weights
@@ -127,12 +137,7 @@ class AlignmentTrainer:
             text_encoder = self.scorer.text_encoder
         else:
             text_encoder = None
-            cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-            key = text_model_key(self.scorer)
-            self.train_table = cached_text_embeddings(
-                self.scorer, self.train_data.texts, cache_dir, key, context.is_main
-            )
-            self.val_table = cached_text_embeddings(self.scorer, self.val_data.texts, cache_dir, key, context.is_main)
+            self.train_table, self.val_table = self.frozen_text_tables()
             self.scorer.model.to("cpu")  # frozen and cached: the text tower is not needed on the device again
         self.model = ContrastivePair(self.image_encoder, text_encoder).to(device)
         self.trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
@@ -155,17 +160,32 @@ class AlignmentTrainer:
             "skipped": {},
         }
         if checkpoint is not None:
-            self._restore(checkpoint, source)
+            self._restore(checkpoint, source)  # each rank's RNG state too: not to be seeded over
+        else:
+            torch.manual_seed(args.seed + context.rank)  # dropout differs between ranks
         self.cached_pixels = None
         if args.cache_images:
             self.cache_pixels()
-        else:
-            torch.manual_seed(args.seed + context.rank)
-        self.main_work = main_work_group(context)
         device_ids = [device.index] if device.type == "cuda" else None
         self.network = DistributedDataParallel(self.model, device_ids=device_ids) if context.enabled else self.model
         if (args.resume or args.overwrite) and context.is_main:
             self.files.remove_temporaries()
+
+    def frozen_text_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, D) cached embeddings of the training and the validation captions. Rank 0 embeds and caches
+        them while the other ranks wait; they then read its cache (and embed only where it is not shared)."""
+        cache_dir = Path(self.args.cache_dir) if self.args.cache_dir else default_cache_dir()
+        key = text_model_key(self.scorer)
+
+        def tables() -> tuple[torch.Tensor, torch.Tensor]:
+            return tuple(
+                cached_text_embeddings(self.scorer, data.texts, cache_dir, key, self.context.is_main)
+                for data in (self.train_data, self.val_data)
+            )
+
+        embeddings = tables() if self.context.is_main else None
+        wait_for_main(self.main_work)  # COCO's captions take rank 0 minutes: longer than a collective waits
+        return embeddings if self.context.is_main else tables()
 
     def _check_free(self) -> None:
         existing = [path for path in (*self.files.existing(), self.retrieval_file, self.encoder_dir) if path.exists()]
@@ -209,7 +229,8 @@ class AlignmentTrainer:
         if self.context.is_main:
             print("config:", *(f"  {key}: {value}" for key, value in config.items()), sep="\n")
         if self.position["epoch"] >= self.args.epochs:
-            print(f"the run already finished its {self.args.epochs} epochs; nothing to do")
+            if self.context.is_main:
+                print(f"the run already finished its {self.args.epochs} epochs; nothing to do")
             return self.retrieval_record()
         resume_step = self.position["step"] if self.args.resume else None
         self.log = StepLog(self.files.log, self.context.is_main, resume_step, self.tracker)
@@ -234,10 +255,13 @@ class AlignmentTrainer:
         for indices, pixels, failures in self.batches(order, epoch):
             for index, reason in failures:  # reported at the epoch's end; never fatal
                 self.position["skipped"][str(self.train_data.paths[index])] = reason
-            if pixels is not None and len(indices) > 1:  # InfoNCE needs a negative
-                stats = self.train_step(pixels, captions[indices], epoch)
+            # Every rank steps or none does (DDP and the gathered batch need them all): InfoNCE needs a
+            # negative, and a rank whose every image of the batch is unreadable has nothing to forward.
+            batch_sizes = gather_counts(len(indices), self.context, self.device)
+            if min(batch_sizes) > 0 and sum(batch_sizes) > 1:
+                stats = self.train_step(pixels, captions[indices], batch_sizes, epoch)
                 now = time.perf_counter()
-                stats["images_per_s"] = len(indices) * self.context.world_size / (now - last)
+                stats["images_per_s"] = sum(batch_sizes) / (now - last)
                 last = now
                 self.log.write(step=self.position["step"], epoch=epoch, **stats)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", scale=f"{stats['logit_scale']:.1f}")
@@ -282,20 +306,22 @@ class AlignmentTrainer:
             pixels = self.cached_pixels[[self.cached_row[index] for index in indices]] if indices else None
             yield indices, pixels, []
 
-    def train_step(self, pixels: torch.Tensor, caption_ids: torch.Tensor, epoch: int) -> dict[str, float]:
-        """One optimizer step on (image, caption) pairs; returns the loss (mean over ranks), lr and scale."""
+    def train_step(
+        self, pixels: torch.Tensor, caption_ids: torch.Tensor, batch_sizes: list[int], epoch: int
+    ) -> dict[str, float]:
+        """One optimizer step on (image, caption) pairs, every rank's `batch_sizes` of them together;
+        returns the loss (of all of them: the same on every rank), lr and scale."""
         lr = self.scheduler.get_last_lr()[0]
         pixels = pixels.to(self.device, non_blocking=True)
+        gathered = batch_sizes if self.context.enabled else None
         with autocast(self.device, self.precision):
             if self.train_table is not None:
-                output = self.network(pixels, text_embeds=self.train_table[caption_ids].to(self.device))
+                text = {"text_embeds": self.train_table[caption_ids].to(self.device)}
             else:
                 texts = [self.train_data.texts[index] for index in caption_ids.tolist()]
-                output = self.network(pixels, text_inputs=self.scorer.tokenize(texts))
+                text = {"text_inputs": self.scorer.tokenize(texts)}
+            output = self.network(pixels, **text, batch_sizes=gathered)
         loss = output.loss.detach().float()
-        if self.context.enabled:
-            dist.all_reduce(loss)
-            loss = loss / self.context.world_size
         if not math.isfinite(loss.item()):
             raise InputError(
                 f"loss is {loss.item()} at step {self.position['step'] + 1} (epoch {epoch}); try a lower --lr"
@@ -343,6 +369,8 @@ class AlignmentTrainer:
         """Validation recall, retrieval.json, the best encoder, skipped images; then the resume checkpoint."""
         if not bool(torch.stack([parameter.isfinite().all() for parameter in self.trainable]).all()):
             raise InputError(f"the weights are not finite after epoch {epoch}; nothing saved. Try a lower --lr")
+        for share in gather_objects(self.position["skipped"], self.context):  # each rank met its own images'
+            self.position["skipped"].update(share)
         if self.context.is_main:
             recall = self.evaluate()
             record = {"epoch": epoch, "step": self.position["step"], **recall}

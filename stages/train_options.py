@@ -56,6 +56,9 @@ class TrainingOptions:
     clip_model: str | None = None
     clip_features: str | None = None
     clip_weight: float = 1.0
+    # --export_hf (stages/export.py)
+    export_hf: str | None = None
+    push_to_hub: str | None = None
     # --wandb (stages/tracking.py)
     wandb: bool = False
     wandb_project: str = DEFAULT_PROJECT
@@ -111,11 +114,21 @@ def captioner_config(options: TrainingOptions, features: FeatureFile) -> Caption
             raise InputError(
                 f"--dino_model_type {options.dino_model_type}, but {options.data} holds features of {encoder.get('name')}"
             )
+    if options.mapping_type == "xattn" and features.token_count is None:
+        raise InputError(
+            f"--mapping_type xattn attends to patch tokens, but {options.data} holds one vector per image; "
+            "extract with --feature_type patch_tokens"
+        )
+    if options.mapping_type != "xattn" and features.token_count is not None:
+        raise InputError(
+            f"--mapping_type {options.mapping_type} maps one vector per image, but {options.data} holds patch "
+            "tokens; use --mapping_type xattn"
+        )
     # A directory is recorded absolute, so the checkpoint loads from any working directory.
     lm_name = str(Path(options.gpt2).resolve()) if Path(options.gpt2).is_dir() else options.gpt2
     return CaptionerConfig(
         feature_dim=features.feature_dim,
-        prefix_length=options.prefix_length,
+        prefix_length=1 if options.mapping_type == "xattn" else options.prefix_length,  # xattn: the start embedding
         prefix_length_clip=options.prefix_length_clip,
         mapping_type=options.mapping_type,
         num_layers=options.num_layers,

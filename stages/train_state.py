@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from data.atomic import atomic_write, check_output_target, check_outputs, remove_stale_temporaries
 from data.errors import InputError
 from models.checkpoint import read_checkpoint
 from models.config import CaptionerConfig
-from stages.distributed import DistributedContext
+from stages.distributed import DistributedContext, gather_objects
 from stages.tracking import Tracker
 
 # Options that decide the sequence of weights: a resumed run must keep them to reach the same weights.
@@ -215,11 +214,7 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 def gather_rng_states(device: torch.device, context: DistributedContext) -> list[dict[str, torch.Tensor]]:
     """Every rank's RNG state, in rank order (a collective: all ranks must call it)."""
-    if not context.enabled:
-        return [rng_state(device)]
-    states: list[Any] = [None] * context.world_size
-    dist.all_gather_object(states, {name: tensor.cpu() for name, tensor in rng_state(device).items()})
-    return states
+    return gather_objects(rng_state(device), context)  # CPU tensors, the CUDA generator's state too
 
 
 def restore_rng_state(states: list[dict[str, torch.Tensor]], device: torch.device, context: DistributedContext) -> None:

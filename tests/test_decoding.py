@@ -9,6 +9,7 @@ import torch
 
 from bench.clipcap_decode import generate2, generate_beam
 from data.errors import InputError
+from models.captioner import Conditioning
 from models.checkpoint import build_captioner, load_lm, load_tokenizer
 from models.config import CaptionerConfig
 from models.decoding import (
@@ -26,6 +27,11 @@ FEATURE_DIM = 16
 NUM_IMAGES = 6
 MAX_LENGTH = 24
 EOS_EMBEDDING_SCALE = 5.0  # a larger EOS embedding makes EOS the argmax in some contexts, not in others
+NUM_TOKENS = 5  # patch tokens per image for xattn
+# xattn: fresh cross-attention layers barely move the logits; made strong, captions differ by image
+# (scales found by search, as the EOS one: they give stops at several lengths)
+CROSS_ATTENTION_SCALE = 15.0
+XATTN_EOS_EMBEDDING_SCALE = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -33,25 +39,47 @@ def tokenizer(tiny_gpt2_dir):
     return load_tokenizer(str(tiny_gpt2_dir))
 
 
-@pytest.fixture(scope="module")
-def captioner(tiny_gpt2_dir, tokenizer):
-    lm = load_lm(str(tiny_gpt2_dir))
-    with torch.no_grad():
-        lm.get_input_embeddings().weight[tokenizer.eos_token_id] *= EOS_EMBEDDING_SCALE
+@pytest.fixture(scope="module", params=["mlp", "xattn"])
+def captioner(request, tiny_gpt2_dir, tokenizer):
+    cross_attention = request.param == "xattn"
     torch.manual_seed(0)
-    config = CaptionerConfig(feature_dim=FEATURE_DIM, prefix_length=4, lm_name=str(tiny_gpt2_dir))
-    return build_captioner(config, lm).eval()
+    config = CaptionerConfig(
+        feature_dim=FEATURE_DIM,
+        prefix_length=1 if cross_attention else 4,
+        mapping_type=request.param,
+        lm_name=str(tiny_gpt2_dir),
+    )
+    captioner = build_captioner(config, load_lm(str(tiny_gpt2_dir), cross_attention=cross_attention)).eval()
+    with torch.no_grad():  # after building: xattn's start embedding copies BOS (here EOS), unscaled
+        eos_scale = XATTN_EOS_EMBEDDING_SCALE if cross_attention else EOS_EMBEDDING_SCALE
+        captioner.gpt.get_input_embeddings().weight[tokenizer.eos_token_id] *= eos_scale
+        for block in captioner.gpt.transformer.h if cross_attention else ():
+            block.crossattention.c_proj.weight *= CROSS_ATTENTION_SCALE
+    return captioner
 
 
 @pytest.fixture(scope="module")
-def features():
-    return torch.randn(NUM_IMAGES, FEATURE_DIM, generator=torch.Generator().manual_seed(1))
+def features(captioner):
+    # xattn captions patch tokens (B, T, D); the prefix mappers one vector per image (B, D).
+    shape = (NUM_IMAGES, NUM_TOKENS, FEATURE_DIM) if captioner.config.cross_attention else (NUM_IMAGES, FEATURE_DIM)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="module")
 def prefix(captioner, features):
     with torch.no_grad():
-        return captioner.embed_prefix(features)  # (B, P, E)
+        return captioner.condition(features)
+
+
+def images(conditioning, start, stop):
+    """The conditioning of images start..stop-1 alone."""
+    states = conditioning.cross_states
+    return Conditioning(conditioning.prefix[start:stop], states[start:stop] if states is not None else None)
+
+
+def needs_a_prefix(captioner):
+    if captioner.config.cross_attention:
+        pytest.skip("ClipCap's own search continues a prefix; it has no cross-attention")
 
 
 def run(captioner, prefix, tokenizer, **options):
@@ -69,6 +97,7 @@ def test_fixture_ends_captions_at_varied_lengths(captioner, prefix, tokenizer):
     beam_lengths = {len(h.tokens) for group in run(captioner, prefix, tokenizer, num_captions=5) for h in group}
     assert len(lengths) > 1 and min(lengths) < MAX_LENGTH
     assert len(beam_lengths) > 2 and MAX_LENGTH in beam_lengths
+    assert len({tuple(group[0].tokens) for group in run(captioner, prefix, tokenizer, method="greedy")}) > 1
 
 
 @pytest.mark.parametrize("options", [{"method": "greedy"}, {"method": "beam", "num_captions": 5}, {"beam_size": 3}])
@@ -84,7 +113,7 @@ def test_cached_equals_full_recomputation(captioner, prefix, tokenizer, options)
 @pytest.mark.parametrize("options", [{"method": "greedy"}, {"method": "beam", "num_captions": 5}])
 def test_batched_equals_one_by_one(captioner, prefix, tokenizer, options):
     batched = run(captioner, prefix, tokenizer, **options)
-    one_by_one = [run(captioner, prefix[i : i + 1], tokenizer, **options)[0] for i in range(NUM_IMAGES)]
+    one_by_one = [run(captioner, images(prefix, i, i + 1), tokenizer, **options)[0] for i in range(NUM_IMAGES)]
     assert token_lists(batched) == token_lists(one_by_one)
 
 
@@ -121,18 +150,22 @@ def test_beam_returns_num_captions_distinct_best_first(captioner, prefix, tokeni
 
 def test_beam_equals_clipcap_generate_beam(captioner, prefix, tokenizer):
     # ClipCap stops at its stop token only; with EOS as that token both searches are the same.
+    needs_a_prefix(captioner)
     ours = run(captioner, prefix, tokenizer, beam_size=5, num_captions=5)
     for image in range(NUM_IMAGES):
         theirs = generate_beam(
-            captioner, tokenizer, 5, prefix[image : image + 1], MAX_LENGTH, stop_token=tokenizer.eos_token
+            captioner, tokenizer, 5, prefix.prefix[image : image + 1], MAX_LENGTH, stop_token=tokenizer.eos_token
         )
         assert theirs == [tokenizer.decode(h.tokens) for h in ours[image]]
 
 
 def test_greedy_equals_clipcap_generate2(captioner, prefix, tokenizer):
+    needs_a_prefix(captioner)
     ours = run(captioner, prefix, tokenizer, method="greedy")
     for image in range(NUM_IMAGES):
-        theirs = generate2(captioner, tokenizer, prefix[image : image + 1], MAX_LENGTH, stop_token=tokenizer.eos_token)
+        theirs = generate2(
+            captioner, tokenizer, prefix.prefix[image : image + 1], MAX_LENGTH, stop_token=tokenizer.eos_token
+        )
         assert theirs == tokenizer.decode(ours[image][0].tokens)
 
 
@@ -144,8 +177,8 @@ def test_stops_at_eos_and_at_stop_token(captioner, prefix, tokenizer):
     # Whichever token comes third, making it the EOS (or a stop token) ends the caption there.
     ending = first[2]
     ends_at = first.index(ending) + 1
-    as_eos = decode(captioner, prefix[:1], ending, DecodingOptions(method="greedy", max_length=10))
-    as_stop = decode(captioner, prefix[:1], never, DecodingOptions(method="greedy", max_length=10), (ending,))
+    as_eos = decode(captioner, images(prefix, 0, 1), ending, DecodingOptions(method="greedy", max_length=10))
+    as_stop = decode(captioner, images(prefix, 0, 1), never, DecodingOptions(method="greedy", max_length=10), (ending,))
     assert as_eos[0][0].tokens == first[:ends_at]
     assert as_stop[0][0].tokens == first[:ends_at]
 
@@ -188,7 +221,7 @@ def test_temperature_changes_the_distribution(captioner, prefix, tokenizer):
     def first_tokens(temperature):
         groups = run(
             captioner,
-            prefix[:1],
+            images(prefix, 0, 1),
             tokenizer,
             method="sample",
             num_captions=600,
@@ -260,3 +293,22 @@ def test_cuda_decoding_gives_the_cpu_captions(captioner, features, tokenizer, me
     on_cuda = caption_features(captioner.cuda(), tokenizer, features, options, batch_size=4, device="cuda")
     captioner.cpu()
     assert on_cuda == on_cpu  # fp32 on both: the same argmax at every step
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
+def test_cross_attention_keys_and_values_are_computed_once(captioner, prefix, tokenizer, method):
+    if not captioner.config.cross_attention:
+        pytest.skip("prefix captioners have no cross-attention")
+    # In GPT-2's cross-attention, c_attn turns the patch-token states into keys and values.
+    inputs_seen = []
+    hooks = [
+        block.crossattention.c_attn.register_forward_hook(lambda module, inputs, output: inputs_seen.append(inputs[0]))
+        for block in captioner.gpt.transformer.h
+    ]
+    try:
+        run(captioner, prefix, tokenizer, method=method, num_captions=3 if method != "greedy" else 1, seed=0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # Once per layer, for the images alone: neither per step, nor per beam or sampled caption.
+    assert [tuple(states.shape) for states in inputs_seen] == [tuple(prefix.cross_states.shape)] * len(hooks)

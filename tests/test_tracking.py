@@ -18,7 +18,7 @@ from data.features import FeatureFile, write_feature_file
 from stages.tracking import RUN_ID_KEY, Tracker, make_tracker
 from stages.train import Trainer
 from tests.test_scst import scst_args
-from tests.test_train_clip import align_args, synthetic  # noqa: F401 (synthetic is a fixture)
+from tests.test_train_clip import align_args
 from tests.test_training import CAPTIONS, FEATURE_DIM, Interrupted, train_args, write_features
 
 # LevelDB's log format, which W&B's .wandb files use: 32 KiB blocks of chunks, each with a 7-byte header
@@ -175,7 +175,7 @@ def test_scst_logs_its_figures_and_keeps_both_best_models(tmp_path, tiny_gpt2_di
     assert (out_dir / "scst_best.pt").is_file() and (out_dir / "scst_best_loss.pt").is_file()
 
 
-def test_train_clip_logs_an_offline_run(synthetic, tmp_path, offline_wandb):  # noqa: F811 (the fixture)
+def test_train_clip_logs_an_offline_run(synthetic, tmp_path, offline_wandb):
     run = tmp_path / "align"
     train_clip.main(train_clip.parse_args(align_args(synthetic, run, "--wandb", "--wandb_project", "tests")))
     (logged,) = offline_runs(run)
@@ -190,7 +190,7 @@ def test_train_clip_logs_an_offline_run(synthetic, tmp_path, offline_wandb):  # 
 
 
 @pytest.mark.parametrize("script", ["train", "train_clip"])
-def test_wandb_without_the_package_is_one_line(tmp_path, tiny_gpt2_dir, synthetic, monkeypatch, script):  # noqa: F811
+def test_wandb_without_the_package_is_one_line(tmp_path, tiny_gpt2_dir, synthetic, monkeypatch, script):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
     if script == "train":
         data = write_features(tmp_path / "train.pkl", [CAPTIONS[:2]])

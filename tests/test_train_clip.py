@@ -20,11 +20,10 @@ import train_clip
 from data.annotations import read_annotations
 from data.errors import InputError
 from data.features import read_feature_file
-from data.synthetic import DATASET_FILE, generate_dataset
+from data.synthetic import DATASET_FILE
 from models.clip_score import ClipScorer
 from models.contrastive import MAX_LOGIT_SCALE, ContrastivePair, info_nce_loss, retrieval_recall
 from models.encoders import load_encoder
-from models.tiny import save_tiny_clip_model, save_tiny_gpt2
 from stages.train_clip import AlignmentTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,22 +107,6 @@ def test_recall_at_k_matches_a_brute_force_count_with_ties(chunk):
 def test_a_constant_encoder_scores_zero_not_full_recall():
     recall = retrieval_recall(torch.ones(20, 4), torch.ones(40, 4), torch.arange(20).repeat_interleave(2))
     assert recall["i2t_R@10"] == 0 and recall["t2i_R@10"] == 0  # ties count against
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> dict[str, Path]:
-    """A small synthetic set (64-pixel images), a whole tiny CLIP (text tower included) and a tiny GPT-2."""
-    root = tmp_path_factory.mktemp("align")
-    dataset = generate_dataset(root / "synthetic", num_train=24, num_val=8, num_test=4, image_size=64, progress=False)
-    captions = [
-        caption
-        for split in ("train", "val")
-        for record in read_annotations(dataset, split)
-        for caption in record.captions
-    ]
-    clip = save_tiny_clip_model(root / "clip", captions, image_size=32, patch_size=16, projection_dim=16)
-    gpt2 = save_tiny_gpt2(root / "gpt2", captions)
-    return {"root": root, "dataset": dataset, "images": dataset.parent, "clip": clip, "gpt2": gpt2}
 
 
 def align_args(synthetic: dict, out_dir: Path, *extra: str, dataset: Path | None = None) -> list[str]:
