@@ -10,6 +10,7 @@ import argparse
 
 from data.errors import exit_on_input_error
 from models.decoding import add_decoding_args
+from models.device import DEVICE_HELP, PRECISION_HELP
 from stages.evaluate import DEFAULT_METRICS, METRIC_KEYS, run_evaluation
 
 
@@ -59,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_decoding_args(parser)  # used with --checkpoint
     running = parser.add_argument_group("running the model (with --checkpoint)")
     running.add_argument("--batch_size", type=int, default=64, help="images decoded together")
-    running.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    running.add_argument("--precision", default="auto", help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    running.add_argument("--device", default="auto", help=DEVICE_HELP)
+    running.add_argument("--precision", default="auto", help=f"fp32, bf16, fp16 or {PRECISION_HELP}")
     return parser.parse_args(argv)
 
 

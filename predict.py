@@ -11,6 +11,7 @@ import argparse
 
 from data.errors import exit_on_input_error
 from models.decoding import add_decoding_args
+from models.device import DEVICE_HELP, PRECISION_HELP
 from models.mappers import PREFIX_MAPPERS
 from stages.predict import run_prediction
 
@@ -39,9 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=64,
         help="draw at most this many images, the first ones (a sheet of all of COCO would not fit in memory)",
     )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (a GPU when there is one)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--batch_size", type=int, default=64, help="images encoded and decoded together")
-    parser.add_argument("--precision", default="auto", help="fp32, bf16 or fp16 (CUDA); auto: bf16 on CUDA, else fp32")
+    parser.add_argument("--precision", default="auto", help=f"fp32, bf16, fp16 or {PRECISION_HELP}")
     parser.add_argument("--num_workers", type=int, default=2, help="processes decoding image files")
     clipcap = parser.add_argument_group(
         "original ClipCap weights (instead of --checkpoint, whose config records all of these)"

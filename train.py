@@ -12,10 +12,11 @@ import argparse
 
 from data.errors import exit_on_input_error
 from models.captioner import ClipCaptionModel
-from models.device import PRECISIONS
+from models.device import DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from models.mappers import MAPPERS
 from stages.rewards import BASELINES, REWARDS
 from stages.scst import ScstTrainer
+from stages.tracking import add_tracking_arguments
 from stages.train import Trainer, run_training
 from stages.train_options import TrainingOptions
 
@@ -127,7 +128,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)"
     )
     ours.add_argument(
-        "--val_data", default=None, help="validation features (.pkl or store directory): loss per caption token after each epoch"
+        "--val_data",
+        default=None,
+        help="validation features (.pkl or store directory): loss per caption token after each epoch, and "
+        "{prefix}_best_loss.pt, the model of the lowest",
     )
     ours.add_argument(
         "--eval_every",
@@ -135,10 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="every N epochs (and the last), greedy-decode --val_data, log CIDEr and BLEU-4, keep {prefix}_best.pt (0: off)",
     )
-    ours.add_argument(
-        "--precision", default="auto", choices=["auto", *PRECISIONS], help="auto: bf16 autocast on CUDA, fp32 on CPU"
-    )
-    ours.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    ours.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS], help=PRECISION_HELP)
+    ours.add_argument("--device", default="auto", help=DEVICE_HELP)
     ours.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     ours.add_argument(
         "--seed", type=int, default=0, help="seed of the mapper's initial weights, the data order and dropout"
@@ -195,6 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="parse_coco_clip.py features of --clip_model over --data's images, when --data holds other features",
     )
     scst.add_argument("--clip_weight", type=float, help="weight of CLIP-S in --reward cider+clip (default 1.0)")
+    add_tracking_arguments(parser)
     args = parser.parse_args(argv)
     if args.scst and (model_flags := _given(args, MODEL_DEFAULTS)):
         parser.error(f"--scst takes the model from --init_from's config; do not give {model_flags}")

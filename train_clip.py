@@ -11,8 +11,9 @@ import argparse
 import os
 
 from data.errors import exit_on_input_error
-from models.device import PRECISIONS
+from models.device import DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from stages.align_sides import LOCAL_TOWERS
+from stages.tracking import add_tracking_arguments
 from stages.train_clip import SCHEDULES, run_alignment
 
 
@@ -102,13 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     running.add_argument(
         "--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes decoding images"
     )
-    running.add_argument("--device", default="auto", help="cuda, cuda:N, cpu, or auto (cuda if available)")
+    running.add_argument("--device", default="auto", help=DEVICE_HELP)
     running.add_argument(
         "--precision",
         default="auto",
         choices=("auto", *PRECISIONS),
-        help="autocast on CUDA; auto: bf16 on CUDA, fp32 on CPU",
+        help=PRECISION_HELP,
     )
+    add_tracking_arguments(parser)
     return parser.parse_args(argv)
 
 

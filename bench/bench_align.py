@@ -26,7 +26,7 @@ from data.errors import exit_on_input_error  # noqa: E402
 from data.synthetic import COLORS, SHAPES  # noqa: E402
 from models.aligned import RESNET50_WIDTH, AlignedConfig, AlignedImageEncoder  # noqa: E402
 from models.contrastive import ContrastivePair  # noqa: E402
-from models.device import autocast, resolve_device, resolve_precision  # noqa: E402
+from models.device import DEVICE_HELP, PRECISION_HELP, autocast, resolve_device, resolve_precision  # noqa: E402
 from models.tiny import train_clip_tokenizer  # noqa: E402
 from stages.train import apply_gradients  # noqa: E402
 
@@ -100,8 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=32, help="images (and captions) per step")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per variant (after one warmup)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    parser.add_argument("--precision", default="auto", help="fp32, bf16 or fp16 (auto: bf16 on CUDA)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--precision", default="auto", help=f"fp32, bf16, fp16 or {PRECISION_HELP}")
     args = parser.parse_args()
     rows = [measure(variant, args) for variant in ("cached text embeddings", "text tower every step")]
     print("| text side | batch | precision | s/step | images/s | speedup |\n|---|---|---|---|---|---|")

@@ -25,7 +25,7 @@ from data.errors import exit_on_input_error  # noqa: E402
 from models.captioner import ClipCaptionModel  # noqa: E402
 from models.config import CaptionerConfig  # noqa: E402
 from models.decoding import DecodingOptions, decode  # noqa: E402
-from models.device import autocast, resolve_device, resolve_precision  # noqa: E402
+from models.device import DEVICE_HELP, autocast, resolve_device, resolve_precision  # noqa: E402
 
 NO_TOKEN = -1  # an id no token has: used as EOS and as ClipCap's stop token, so nothing stops early
 
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_length", type=int, default=20, help="tokens per caption (a COCO caption is ~12)")
     parser.add_argument("--prefix_length", type=int, default=10, help="prefix embeddings (ClipCap's MLP: 10)")
     parser.add_argument("--feature_dim", type=int, default=512, help="image feature width (CLIP ViT-B/32: 512)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--precision", default="fp32", help="fp32, or bf16/fp16 on CUDA (ours only; ClipCap ran fp32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and features")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 from data.annotations import read_annotations  # noqa: E402
 from data.errors import exit_on_input_error  # noqa: E402
 from data.images import load_rgb  # noqa: E402
-from models.device import autocast, resolve_device, resolve_precision  # noqa: E402
+from models.device import DEVICE_HELP, PRECISION_HELP, autocast, resolve_device, resolve_precision  # noqa: E402
 from models.encoders import ImageEncoder, Preprocess, load_encoder  # noqa: E402
 from stages.extract import extract_features  # noqa: E402
 
@@ -74,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=min(8, os.cpu_count() or 1),
         help="our decoding processes (default: %(default)s)",
     )
-    parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    parser.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--precision", default="auto", help=f"fp32, bf16, fp16 or {PRECISION_HELP}")
     parser.add_argument(
         "--work_dir", default=None, help="where to put images and models (default: a temporary directory)"
     )

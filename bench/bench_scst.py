@@ -30,7 +30,7 @@ from data.errors import exit_on_input_error  # noqa: E402
 from data.features import FeatureFile  # noqa: E402
 from models.captioner import ClipCaptionModel  # noqa: E402
 from models.config import CaptionerConfig  # noqa: E402
-from models.device import resolve_device, resolve_precision  # noqa: E402
+from models.device import DEVICE_HELP, resolve_device, resolve_precision  # noqa: E402
 from models.tiny import train_tokenizer  # noqa: E402
 from stages.rewards import CiderD, normalize_caption  # noqa: E402
 from stages.scst import RewardScorer, scst_loss  # noqa: E402
@@ -82,7 +82,7 @@ def bench_reward(num_captions: int, seed: int) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--reward_captions", type=int, default=5000, help="captions scored by both CIDEr-Ds")
     parser.add_argument("--images", type=int, default=40, help="images per step")
     parser.add_argument("--samples", type=int, default=5, help="SCST samples (and CE captions) per image")

@@ -32,7 +32,7 @@ from data.captions import CaptionCollator  # noqa: E402
 from data.errors import exit_on_input_error  # noqa: E402
 from models.captioner import ClipCaptionModel  # noqa: E402
 from models.config import CaptionerConfig  # noqa: E402
-from models.device import resolve_device, resolve_precision  # noqa: E402
+from models.device import DEVICE_HELP, resolve_device, resolve_precision  # noqa: E402
 from stages.train import apply_gradients, compute_loss  # noqa: E402
 
 MODES = ("only_prefix", "full")
@@ -42,7 +42,7 @@ IMPLEMENTATIONS = ("clipcap", "ours")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Benchmark flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--batch_size", type=int, default=40, help="captions per step (ClipCap's --bs)")
     parser.add_argument("--feature_dim", type=int, default=512, help="image feature width (CLIP ViT-B/32: 512)")
     parser.add_argument("--prefix_length", type=int, default=10, help="prefix length of the MLP mapper")

@@ -31,7 +31,7 @@ from data.errors import exit_on_input_error  # noqa: E402
 from models.captioner import ClipCaptionModel  # noqa: E402
 from models.config import CaptionerConfig  # noqa: E402
 from models.decoding import DecodingOptions, decode  # noqa: E402
-from models.device import autocast, resolve_device, resolve_precision  # noqa: E402
+from models.device import DEVICE_HELP, autocast, resolve_device, resolve_precision  # noqa: E402
 from stages.train import apply_gradients, compute_loss  # noqa: E402
 
 NO_TOKEN = -1  # an id no token has, used as EOS: nothing stops early
@@ -41,7 +41,7 @@ TASKS = ("greedy", "beam", "train")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--precision", default=None, help="fp32, fp16 or bf16 (default: the device's best)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per batch (default: %(default)s)")
     parser.add_argument("--beam_size", type=int, default=5, help="beams per image (default: %(default)s)")

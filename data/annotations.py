@@ -199,3 +199,9 @@ def read_annotations(
     if not records:
         raise InputError(f"{source}: no captioned images" + (f" in split {split!r}" if split else ""))
     return records
+
+
+def image_files(path: str | os.PathLike, split: str | None, images_dir: str | os.PathLike) -> dict[int | str, Path]:
+    """Each annotated image's file (`images_dir` / its annotation path), by image id."""
+    records = read_annotations(path, split, images_dir)
+    return {record.image_id: Path(images_dir) / record.file_path for record in records}

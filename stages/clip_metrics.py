@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from data.annotations import read_annotations
+from data.annotations import image_files
 from data.errors import InputError
 from data.features import FeatureFile, read_feature_file
 from data.references import ImageId, is_pickle
@@ -39,8 +39,7 @@ def _image_paths(args: argparse.Namespace, features: FeatureFile | None) -> tupl
             raise InputError(
                 f"--clip_score: the feature file names no readable annotation file ({source}); give --clip_features"
             )
-    records = read_annotations(source, split, args.coco_images_dir)
-    return {record.image_id: Path(args.coco_images_dir) / record.file_path for record in records}, str(source)
+    return image_files(source, split, args.coco_images_dir), str(source)
 
 
 def _encode_images(

@@ -40,8 +40,8 @@ def init_distributed(device_name: str | None = None) -> tuple[DistributedContext
     if world_size == 1:
         return DistributedContext(), resolve_device(device_name)
     context = DistributedContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    device = resolve_device(device_name)
-    if device.type == "cuda":
+    device = resolve_device(device_name, allow_mps=False)  # auto: CUDA, else CPU (gloo)
+    if device.type == "cuda":  # whichever GPU was named or chosen, each rank takes its local one
         device = torch.device("cuda", context.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():

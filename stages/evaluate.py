@@ -226,8 +226,9 @@ def score_captioner(
     device: torch.device,
     precision: str = "fp32",
     metrics: Sequence[str] = ("Bleu", "CIDEr"),
-) -> dict[str, float]:
-    """Caption a feature file's images and score them against its own captions: {"Bleu_4": ..., "CIDEr": ...}."""
+) -> tuple[dict[str, float], dict[ImageId, str]]:
+    """Caption a feature file's images and score them against its own captions: ({"Bleu_4": ..., "CIDEr": ...},
+    each image's caption)."""
     captioned = caption_feature_file(
         model,
         tokenizer,
@@ -239,7 +240,7 @@ def score_captioner(
         progress=False,
     )
     predictions = {image_id: captions[0] for image_id, captions in captioned}  # the best caption of each image
-    return score_captions(predictions, references_from_features(feature_file), metrics).overall
+    return score_captions(predictions, references_from_features(feature_file), metrics).overall, predictions
 
 
 def metrics_report(scores: Scores, predictions: dict[ImageId, str], settings: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from data.features import FEATURES_KEY, FeatureFile, check_pickle_fits, write_fe
 from data.images import IMAGE_CONVERSION, ImageDataset, collate_images
 from data.store import check_store_output, clear_store, default_feature_dtype, write_store
 from data.webdataset_input import expand_shard_urls
-from models.device import resolve_precision
+from models.device import DEVICE_HELP, PRECISION_HELP, resolve_precision
 from models.encoders import ImageEncoder, Preprocess, load_encoder
 from stages.distributed import DistributedContext, close_distributed, init_distributed
 from stages.encode import NONFINITE_REASON, encode_pixels
@@ -270,12 +270,12 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
         default=min(8, os.cpu_count() or 1),
         help="DataLoader processes decoding images; 0 decodes in the main process (default: %(default)s)",
     )
-    parser.add_argument("--device", default="auto", help="cuda, cuda:N, cpu, or auto (cuda if available)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument(
         "--precision",
         default="auto",
         choices=("auto", "fp32", "bf16", "fp16"),
-        help="autocast precision on CUDA; auto is bf16 on CUDA and fp32 on CPU",
+        help=PRECISION_HELP,
     )
     parser.add_argument(
         "--resume",

@@ -32,6 +32,7 @@ from stages.distributed import (
     wait_for_main,
 )
 from stages.export import check_training_export, export_trained
+from stages.tracking import make_tracker
 from stages.train_options import TrainingOptions, captioner_config, check_option_values
 from stages.train_state import (
     TRAJECTORY_OPTIONS,
@@ -93,6 +94,9 @@ class Trainer:
         self.files = RunFiles(Path(options.out_dir), options.prefix)
         inputs = {"--data": options.data, "--val_data": options.val_data, "--init_from": options.init_from}
         self.files.check_apart_from(inputs, options.epochs)
+        self.tracker = make_tracker(
+            options.wandb, options.wandb_project, options.wandb_run_name, Path(options.out_dir), context.is_main
+        )
         checkpoint = None
         if options.resume:
             source = resume_path(options.resume, options.prefix)
@@ -140,6 +144,7 @@ class Trainer:
             "batch_in_epoch": 0,
             "data": self.data_key(train_file),
             "best_cider": None,  # with --eval_every: the best validation CIDEr so far, kept in {prefix}_best.pt
+            "best_val_loss": None,  # with --val_data: the lowest validation loss so far, kept in {prefix}_best_loss.pt
         }
         self.last_saved: Path | None = None
         if checkpoint is not None:
@@ -227,10 +232,8 @@ class Trainer:
         restore_rng_state(checkpoint["rng"], self.device, self.context)
         self.last_saved = source
 
-    def print_config(self) -> None:
-        """The resolved settings, once, from the main process."""
-        if not self.context.is_main:
-            return
+    def run_config(self) -> dict:
+        """The options, the model config and what they resolved to (printed, and given to the tracker)."""
         model = {key: value for key, value in self.config.to_dict().items() if key != "lm_config"}
         resolved = {
             "device": str(self.device),
@@ -242,7 +245,12 @@ class Trainer:
             "trainable_parameters": sum(parameter.numel() for parameter in self.trainable),
             "start": {key: value for key, value in self.position.items() if key != "data"},
         }
-        print(json.dumps({"options": asdict(self.options), "model": model, "resolved": resolved}, indent=2))
+        return {"options": asdict(self.options), "model": model, "resolved": resolved}
+
+    def print_config(self) -> None:
+        """The resolved settings, once, from the main process."""
+        if self.context.is_main:
+            print(json.dumps(self.run_config(), indent=2))
 
     def fit(self) -> ClipCaptionModel:
         """Train the remaining epochs; returns the (unwrapped) model."""
@@ -253,11 +261,14 @@ class Trainer:
         if self.context.is_main:
             save_config_json(self.files.config_json, self.config)
         resume_step = self.position["step"] if self.options.resume else None
-        self.log = StepLog(self.files.log, self.context.is_main, resume_step)
+        self.log = StepLog(self.files.log, self.context.is_main, resume_step, self.tracker)
         try:
-            for epoch in range(self.position["epoch"], self.options.epochs):
-                self.train_epoch(epoch)
-                self.end_epoch(epoch)
+            with self.tracker.session(self.run_config(), self.position):
+                for epoch in range(self.position["epoch"], self.options.epochs):
+                    self.train_epoch(epoch)
+                    self.end_epoch(epoch)
+                last = self.options.epochs - 1
+                self.tracker.log_model(self.files.epoch_checkpoint(last), self.options.prefix, {"epoch": last})
         finally:
             self.log.close()
         return self.model
@@ -342,11 +353,12 @@ class Trainer:
         return value.item()
 
     def end_epoch(self, epoch: int) -> None:
-        """Epoch-end work in order: validation loss, caption scores (--eval_every), then checkpoints."""
+        """Epoch-end work in order: validation loss (and its best model), caption scores (--eval_every), then checkpoints."""
         self.check_finite_weights()
         record: dict = {}
         if self.val_set is not None:
             record["val_loss"] = self.validation_loss()
+            self.keep_best_loss(epoch, record["val_loss"])
         last = epoch == self.options.epochs - 1
         scores: dict[str, float] = {}
         if (
@@ -376,7 +388,7 @@ class Trainer:
         options = DecodingOptions(method="greedy", max_length=min(67, context_length - self.config.prefix_length))
         from stages.evaluate import score_captioner  # late, as require_java above
 
-        scores = score_captioner(
+        scores, predictions = score_captioner(
             self.model,
             self.tokenizer,
             self.val_file,
@@ -386,11 +398,21 @@ class Trainer:
             precision=self.precision,
         )
         scores = {"CIDEr": scores["CIDEr"], "Bleu_4": scores["Bleu_4"]}
+        self.tracker.log_captions(predictions, self.val_file, step=self.position["step"])
         best = self.position["best_cider"]
         if best is None or scores["CIDEr"] > best:
             self.position["best_cider"] = scores["CIDEr"]
             save_checkpoint(self.files.best, self.model, epoch=epoch, scores=scores)
         return scores
+
+    def keep_best_loss(self, epoch: int, val_loss: float) -> None:
+        """`{prefix}_best_loss.pt` when the validation loss is the lowest so far (every rank has the same loss)."""
+        best = self.position.get("best_val_loss")  # absent from runs saved before it was kept
+        if best is not None and val_loss >= best:
+            return
+        self.position["best_val_loss"] = val_loss
+        if self.context.is_main:
+            save_checkpoint(self.files.best_loss, self.model, epoch=epoch, scores={"val_loss": val_loss})
 
     @torch.no_grad()
     def validation_loss(self) -> float:

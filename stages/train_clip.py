@@ -44,6 +44,7 @@ from stages.distributed import (
     wait_for_main,
 )
 from stages.extract import iter_encoded_batches
+from stages.tracking import make_tracker
 from stages.train import apply_gradients, epoch_order
 from stages.train_state import (
     RunFiles,
@@ -104,6 +105,7 @@ class AlignmentTrainer:
         inputs = {"--captions_file": args.captions_file, "--val_captions_file": args.val_captions_file}
         outputs = {"output": [*self.files.fixed, self.retrieval_file, self.skipped_file]}
         check_outputs(outputs, inputs)
+        self.tracker = make_tracker(args.wandb, args.wandb_project, args.wandb_run_name, self.out_dir, context.is_main)
         checkpoint = None
         if args.resume:
             source = resume_path(args.resume, RUN_PREFIX)
@@ -219,21 +221,25 @@ class AlignmentTrainer:
 
     def fit(self) -> dict:
         """Train the remaining epochs; returns the retrieval record (every epoch, and the best)."""
+        resolved = {"device": str(self.device), "precision": self.precision, "world_size": self.context.world_size}
+        resolved |= {"train_images": len(self.train_data.records), "val_images": len(self.val_data.records)}
+        resolved |= {"steps_per_epoch": self.steps_per_epoch, "encoder": self.spec.to_dict()}
+        resolved["trainable_parameters"] = sum(parameter.numel() for parameter in self.trainable)
+        config = {**vars(self.args), **resolved}
         if self.context.is_main:
-            resolved = {"device": str(self.device), "precision": self.precision, "world_size": self.context.world_size}
-            resolved |= {"train_images": len(self.train_data.records), "val_images": len(self.val_data.records)}
-            resolved |= {"steps_per_epoch": self.steps_per_epoch, "encoder": self.spec.to_dict()}
-            resolved["trainable_parameters"] = sum(parameter.numel() for parameter in self.trainable)
-            print("config:", *(f"  {key}: {value}" for key, value in {**vars(self.args), **resolved}.items()), sep="\n")
+            print("config:", *(f"  {key}: {value}" for key, value in config.items()), sep="\n")
         if self.position["epoch"] >= self.args.epochs:
             if self.context.is_main:
                 print(f"the run already finished its {self.args.epochs} epochs; nothing to do")
             return self.retrieval_record()
-        self.log = StepLog(self.files.log, self.context.is_main, self.position["step"] if self.args.resume else None)
+        resume_step = self.position["step"] if self.args.resume else None
+        self.log = StepLog(self.files.log, self.context.is_main, resume_step, self.tracker)
         try:
-            for epoch in range(self.position["epoch"], self.args.epochs):
-                self.train_epoch(epoch)
-                self.end_epoch(epoch)
+            with self.tracker.session(config, self.position):
+                for epoch in range(self.position["epoch"], self.args.epochs):
+                    self.train_epoch(epoch)
+                    self.end_epoch(epoch)
+                self.tracker.log_model(self.encoder_dir, f"{RUN_PREFIX}-encoder", self.retrieval_record()["best"])
         finally:
             self.log.close()
         return self.retrieval_record()

@@ -8,6 +8,7 @@ from data.errors import InputError
 from data.features import FeatureFile
 from models.config import CaptionerConfig
 from models.encoders import DINOV2_MODELS
+from stages.tracking import DEFAULT_PROJECT
 
 
 @dataclass
@@ -58,6 +59,10 @@ class TrainingOptions:
     # --export_hf (stages/export.py)
     export_hf: str | None = None
     push_to_hub: str | None = None
+    # --wandb (stages/tracking.py)
+    wandb: bool = False
+    wandb_project: str = DEFAULT_PROJECT
+    wandb_run_name: str | None = None
 
 
 # Flags that must be at least this; checked before anything is read or written.

@@ -18,6 +18,7 @@ from data.errors import InputError
 from models.checkpoint import read_checkpoint
 from models.config import CaptionerConfig
 from stages.distributed import DistributedContext, gather_objects
+from stages.tracking import Tracker
 
 # Options that decide the sequence of weights: a resumed run must keep them to reach the same weights.
 TRAJECTORY_OPTIONS = (
@@ -43,7 +44,8 @@ ARCHITECTURE_FIELDS = (
 
 @dataclass
 class RunFiles:
-    """Paths of one run: `{prefix}-{epoch:03d}.pt`, `{prefix}_latest.pt`, `{prefix}.json`, `{prefix}_log.jsonl`."""
+    """Paths of one run: `{prefix}-{epoch:03d}.pt`, `{prefix}_latest.pt`, `{prefix}_best.pt`, `{prefix}_best_loss.pt`,
+    `{prefix}.json`, `{prefix}_log.jsonl`."""
 
     out_dir: Path
     prefix: str
@@ -60,6 +62,10 @@ class RunFiles:
         return self.out_dir / f"{self.prefix}_best.pt"
 
     @property
+    def best_loss(self) -> Path:
+        return self.out_dir / f"{self.prefix}_best_loss.pt"
+
+    @property
     def config_json(self) -> Path:
         return self.out_dir / f"{self.prefix}.json"
 
@@ -70,7 +76,7 @@ class RunFiles:
     @property
     def fixed(self) -> list[Path]:
         """The files whose names do not change with the epoch."""
-        return [self.latest, self.best, self.config_json, self.log]
+        return [self.latest, self.best, self.best_loss, self.config_json, self.log]
 
     @property
     def lock(self) -> Path:
@@ -201,6 +207,8 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -219,6 +227,8 @@ def restore_rng_state(states: list[dict[str, torch.Tensor]], device: torch.devic
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
 
 
 def lines_up_to(path: Path, step: int) -> list[str]:
@@ -242,10 +252,11 @@ def lines_up_to(path: Path, step: int) -> list[str]:
 
 class StepLog:
     """The per-step JSON-lines log; only the main process writes. On resume, lines past the resumed
-    step (written after the last `_latest.pt`) are dropped, so each step appears once."""
+    step (written after the last `_latest.pt`) are dropped, so each step appears once. Every record
+    also goes to the run's tracker (W&B with --wandb)."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
-        self.handle, self.path = None, path
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, tracker: Tracker | None = None):
+        self.handle, self.path, self.tracker = None, path, tracker or Tracker()
         if not enabled:
             return
         check_output_target(path)  # appending through a link would write into another directory
@@ -257,12 +268,13 @@ class StepLog:
         self.handle = open(path, "a" if resume_step is not None else "w", buffering=1)  # closed in close()
 
     def write(self, **record: Any) -> None:
-        """One JSON line (step, epoch, and the figures of that step or epoch)."""
+        """One JSON line (step, epoch, and the figures of that step or epoch), mirrored to the tracker."""
         if self.handle is not None:
             try:
                 self.handle.write(json.dumps(record) + "\n")
             except OSError as error:  # a full disk: one line naming the log, as the atomic writers give
                 raise InputError(f"{self.path}: cannot write ({error.strerror or error})") from None
+        self.tracker.log(record)
 
     def close(self) -> None:
         if self.handle is not None:

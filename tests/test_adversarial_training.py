@@ -245,7 +245,7 @@ def test_zero_byte_checkpoint_is_one_line(tmp_path, tiny_gpt2_dir, capsys, scrip
         ("--lr", "nan", "--lr nan: must be positive and finite"),
         ("--lr", "inf", "--lr inf: must be positive and finite"),
         ("--max_caption_chars", "0", "--max_caption_chars 0: must be at least 1"),
-        ("--device", "tpu", "--device tpu: unknown device; use auto, cpu, cuda or cuda:N"),
+        ("--device", "tpu", "--device tpu: unknown device; use auto, cpu, cuda, cuda:N or mps"),
     ],
 )
 def test_bad_training_flag_values_are_one_line(tmp_path, tiny_gpt2_dir, capsys, flag, value, message):

@@ -298,8 +298,11 @@ def test_score_captioner_for_training_time_evaluation(tmp_path, checkpoint_path)
     ])  # fmt: skip
     tokenizer = load_tokenizer(model.config.lm_name)
     options = DecodingOptions(method="greedy", max_length=6)
-    scores = score_captioner(model, tokenizer, feature_file, options, batch_size=2, device=torch.device("cpu"))
+    scores, captions = score_captioner(
+        model, tokenizer, feature_file, options, batch_size=2, device=torch.device("cpu")
+    )
     assert set(scores) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"}
+    assert list(captions) == list(REFERENCES) and all(isinstance(caption, str) for caption in captions.values())
     assert all(0 <= value for value in scores.values())
     assert model.training  # evaluation leaves the model as it found it
 

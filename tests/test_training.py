@@ -85,6 +85,10 @@ def test_overfits_eight_images_and_captions_them(tmp_path, tiny_gpt2_dir):
     best = torch.load(out_dir / "coco_prefix_best.pt", weights_only=True)
     assert best["epoch"] == max(scored, key=lambda epoch: (scored[epoch], -epoch))
     assert best["scores"]["CIDEr"] == max(scored.values()) > 1.0
+    # {prefix}_best_loss.pt: the epoch of the lowest validation loss.
+    best_loss = torch.load(out_dir / "coco_prefix_best_loss.pt", weights_only=True)
+    assert best_loss["scores"]["val_loss"] == min(val_losses)
+    assert best_loss["epoch"] == val_losses.index(min(val_losses))
 
     tokenizer = load_tokenizer(str(tiny_gpt2_dir))
     features = torch.randn(8, FEATURE_DIM, generator=torch.Generator().manual_seed(0))  # the file's rows
@@ -96,6 +100,7 @@ def test_overfits_eight_images_and_captions_them(tmp_path, tiny_gpt2_dir):
         "coco_prefix-000.pt",
         "coco_prefix-015.pt",
         "coco_prefix_best.pt",
+        "coco_prefix_best_loss.pt",
         "coco_prefix_latest.pt",
     ]
     tokens = torch.randint(0, 100, (8, 6), generator=torch.Generator().manual_seed(1))
@@ -145,6 +150,38 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, tiny_gpt2_
         record["loss"] for record in read_log(tmp_path / "straight")
     ]
     assert all(not parameter.grad.isnan().any() for parameter in model.parameters() if parameter.grad is not None)
+
+
+def test_best_loss_model_survives_resume_and_overwrite(tmp_path, tiny_gpt2_dir, monkeypatch):
+    data = write_features(tmp_path / "train.pkl", [CAPTIONS[:4]])  # 1 step an epoch
+    val_data = write_features(tmp_path / "val.pkl", [CAPTIONS[4:]])
+    scripted = {0: 2.0, 1: 1.0, 2: 3.0}  # the validation loss of each epoch: the best is epoch 1's
+    monkeypatch.setattr(Trainer, "validation_loss", lambda self: scripted[self.position["epoch"] - 1])
+    original_epoch = Trainer.train_epoch
+
+    def crash_in_epoch_two(self, epoch):
+        if epoch == 2:
+            raise Interrupted
+        original_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_two)
+    out_dir = tmp_path / "run"
+    args = train_args(data, out_dir, tiny_gpt2_dir, "--epochs", "3", "--only_prefix", "--val_data", str(val_data))
+    with pytest.raises(Interrupted):
+        train.main(train.parse_args(args))
+    monkeypatch.setattr(Trainer, "train_epoch", original_epoch)
+    train.main(train.parse_args([*args, "--resume", str(out_dir)]))  # epoch 2's worse loss must not replace it
+    best_loss = torch.load(out_dir / "coco_prefix_best_loss.pt", weights_only=True)
+    assert (best_loss["epoch"], best_loss["scores"]) == (1, {"val_loss": 1.0})
+    assert torch.load(out_dir / "coco_prefix_latest.pt", weights_only=True)["position"]["best_val_loss"] == 1.0
+    assert [record["val_loss"] for record in read_log(out_dir) if "val_loss" in record] == [2.0, 1.0, 3.0]
+
+    # An input that is the run's best-loss file is refused; --overwrite deletes it with the rest.
+    replaced = [*args[: args.index("--val_data")], "--val_data", str(out_dir / "coco_prefix_best_loss.pt")]
+    with pytest.raises(InputError, match="coco_prefix_best_loss.pt is the same file as --val_data"):
+        train.main(train.parse_args([*replaced, "--overwrite"]))
+    train.main(train.parse_args([*train_args(data, out_dir, tiny_gpt2_dir, "--epochs", "1"), "--overwrite"]))
+    assert not (out_dir / "coco_prefix_best_loss.pt").exists()
 
 
 def test_only_prefix_keeps_the_lm_untouched_and_out_of_checkpoints(tmp_path, tiny_gpt2_dir):
