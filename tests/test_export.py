@@ -301,7 +301,9 @@ def test_untied_and_cross_attention_lms_round_trip(tmp_path, lm_settings):
     lm = GPT2LMHeadModel(
         GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=1, n_head=2, **lm_settings)
     )
-    model = build_captioner(CaptionerConfig(feature_dim=8, prefix_length=2, lm_name="unused"), lm).eval()
+    mapping_type = "xattn" if lm.config.add_cross_attention else "mlp"
+    config = CaptionerConfig(feature_dim=8, prefix_length=2, mapping_type=mapping_type, lm_name="unused")
+    model = build_captioner(config, lm).eval()
     save_export(tmp_path, model, tokenizer)
     stored = safetensors_state(tmp_path)
     assert ("gpt.lm_head.weight" in stored) == (not lm.config.tie_word_embeddings)
