@@ -63,6 +63,18 @@ def _id_type(image_ids: Sequence[Any], where: str) -> pa.DataType:
     raise InputError(f"{where}: image ids mix numbers and text (or hold other types); a store keeps one type")
 
 
+class _HashingWriter:
+    """A write-only file that hashes what passes through it: np.save writes to a non-file object in pieces
+    of at most 16 MiB, so a shard's bytes are never held whole beside its array."""
+
+    def __init__(self, handle: Any):
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+
 def write_shard(
     directory: str | os.PathLike,
     name: str,
@@ -75,9 +87,6 @@ def write_shard(
     returns its record for meta.json (with `extra`, e.g. the source shard and skipped samples)."""
     directory = Path(directory)
     array = np.ascontiguousarray(embeddings, dtype=FEATURE_DTYPES[feature_dtype])
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    npy = buffer.getvalue()
     ids = [image_id for image_id, _, _ in captions]
     table = pa.table(
         {
@@ -86,17 +95,19 @@ def write_shard(
             "row": pa.array([row for _, _, row in captions], type=pa.int64()),
         }
     )
-    buffer = io.BytesIO()
+    buffer = io.BytesIO()  # the captions are small beside the embeddings: they are hashed whole
     pq.write_table(table, buffer)
     parquet = buffer.getvalue()
-    for suffix, data in ((".npy", npy), (".parquet", parquet)):
-        with atomic_write(directory / f"{name}{suffix}") as handle:
-            handle.write(data)
+    with atomic_write(directory / f"{name}.npy") as handle:
+        npy = _HashingWriter(handle)
+        np.save(npy, array, allow_pickle=False)
+    with atomic_write(directory / f"{name}.parquet") as handle:
+        handle.write(parquet)
     record = {
         "name": name,
         "rows": int(array.shape[0]),
         "captions": len(captions),
-        "embeddings_sha256": _sha256(npy),
+        "embeddings_sha256": npy.digest.hexdigest(),
         "captions_sha256": _sha256(parquet),
     }
     return {**record, **(extra or {})}
