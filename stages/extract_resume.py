@@ -48,6 +48,7 @@ def _read_chunk(path: Path) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if len(payload["indices"]) != len(payload["features"]):
             raise ValueError(f"{len(payload['indices'])} indices for {len(payload['features'])} feature rows")
+        payload["failures"] = [(int(index), str(reason)) for index, reason in payload["failures"]]
     except Exception as error:  # torch raises many types for a corrupt file
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise InputError(f"{path}: unreadable partial result ({reason}); delete it to re-encode its images") from None
@@ -157,7 +158,7 @@ class PartialStore:
             payload = _read_chunk(path)
             indices, features = payload["indices"], payload["features"]
             rows.update((int(index), (path, position)) for position, index in enumerate(indices))
-            failed.update((int(index), str(reason)) for index, reason in payload["failures"])
+            failed.update(payload["failures"])
             if indices:
                 row_shape = tuple(features.shape[1:])
         return SavedResults(rows, {index: reason for index, reason in failed.items() if index not in rows}, row_shape)

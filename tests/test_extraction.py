@@ -351,8 +351,9 @@ def test_cuda_bf16_features_match_cpu(coco, tiny_clip_dir, tmp_path):
 
 def test_the_merge_into_a_store_holds_about_one_shard_in_memory(tmp_path, monkeypatch):
     """Rank 0 merges two ranks' chunks (interleaved indices, 4 images each) of 50 x 768 token rows into fp16 shards
-    of 12 rows: the merge's traced allocations (numpy's included) peak under two shards of float32 rows, a fifth of
-    the rows; the old merge stacked every row and cast and serialized them whole. The store holds every row."""
+    of 12 rows: the merge's traced allocations (numpy's included) peak under two shards of float32 rows, less than
+    a quarter of all rows (2.0 MiB of 16.5). The old merge stacked every row, then cast and serialized them whole
+    (25 MiB), and fails this. The store holds every row."""
     row_shape, num_images, per_chunk, per_shard = (50, 768), 120, 4, 12
     rows = np.random.default_rng(0).standard_normal((num_images, *row_shape)).astype(np.float32)
     failed = {index: "cannot decode" for index in range(5, num_images, 17)}
@@ -391,3 +392,20 @@ def test_the_merge_into_a_store_holds_about_one_shard_in_memory(tmp_path, monkey
     ]
     assert [entry["image_id"] for entry in result.skipped] == sorted(failed)
     assert not partial.directory.exists()
+
+
+def test_a_damaged_chunk_file_is_refused_in_one_line(tmp_path):
+    partial = PartialStore(tmp_path / "out.pkl", {"settings": "any"})
+    partial.start(fresh=True)
+    chunk = Chunk()
+    chunk.add([0, 2], torch.zeros(2, 4), [(1, "cannot decode")])
+    partial.save(chunk)
+    assert partial.saved().failed == {1: "cannot decode"} and partial.saved().row_shape == (4,)
+    path = partial.directory / "chunk-000000000.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(InputError, match=r"chunk-000000000\.pt: unreadable partial result \(.*\); delete it") as error:
+        partial.saved()
+    assert "\n" not in str(error.value)
+    torch.save({"indices": [0, 2, 4], "features": torch.zeros(2, 4), "failures": []}, path)
+    with pytest.raises(InputError, match=r"unreadable partial result \(3 indices for 2 feature rows\)"):
+        partial.saved()
