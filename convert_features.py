@@ -7,7 +7,7 @@ r"""Convert features between the pickle (ClipCap's format) and the sharded store
 import argparse
 
 from data.errors import InputError, exit_on_input_error
-from data.store import FEATURE_DTYPES, convert_features
+from data.store import FEATURE_DTYPES, SHARD_BYTES, convert_features
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,15 +25,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rows_per_shard",
         type=int,
-        default=100_000,
-        help="pickle -> store: images per shard (default: %(default)s)",
+        default=None,
+        help=f"pickle -> store: images per shard (default: as many as fit in {SHARD_BYTES / 1024**3:g} GiB of embeddings)",
     )
     return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> None:
     """Convert IN to OUT and say which way."""
-    if args.rows_per_shard < 1:
+    if args.rows_per_shard is not None and args.rows_per_shard < 1:
         raise InputError(f"--rows_per_shard {args.rows_per_shard}: must be at least 1")
     direction = convert_features(args.input, args.output, args.feature_dtype, args.rows_per_shard)
     print(f"wrote {args.output} ({direction})")

@@ -13,9 +13,10 @@ the embeddings it memory-maps). The checksums in meta.json give the store's data
 
 import hashlib
 import io
+import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,20 @@ STORE_FORMAT = "clipcap-plus-feature-store"
 STORE_VERSION = 1
 META_FILE = "meta.json"
 FEATURE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+# Embedding bytes per shard, whatever a row holds: 13,981 ViT-B/32 token matrices (50 x 768) in fp16,
+# 524,288 rows of 512 fp32 features. An extraction holds one shard in memory while it writes it.
+SHARD_BYTES = 1024**3
 
 
 def default_feature_dtype(row_shape: Sequence[int]) -> str:
     """fp32 for one vector per image; fp16 for token matrices, T times larger (50 for ViT-B/32)."""
     return "fp16" if len(row_shape) > 1 else "fp32"
+
+
+def default_rows_per_shard(row_shape: Sequence[int], feature_dtype: str) -> int:
+    """Rows in about SHARD_BYTES of embeddings (at least one): a shard is gathered in memory to be written."""
+    row_bytes = math.prod(row_shape) * np.dtype(FEATURE_DTYPES[feature_dtype]).itemsize
+    return max(1, SHARD_BYTES // row_bytes)
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -63,6 +73,18 @@ def _id_type(image_ids: Sequence[Any], where: str) -> pa.DataType:
     raise InputError(f"{where}: image ids mix numbers and text (or hold other types); a store keeps one type")
 
 
+class _HashingWriter:
+    """A write-only file that hashes what passes through it: np.save writes to a non-file object in pieces
+    of at most 16 MiB, so a shard's bytes are never held whole beside its array."""
+
+    def __init__(self, handle: Any):
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+
 def write_shard(
     directory: str | os.PathLike,
     name: str,
@@ -75,9 +97,6 @@ def write_shard(
     returns its record for meta.json (with `extra`, e.g. the source shard and skipped samples)."""
     directory = Path(directory)
     array = np.ascontiguousarray(embeddings, dtype=FEATURE_DTYPES[feature_dtype])
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    npy = buffer.getvalue()
     ids = [image_id for image_id, _, _ in captions]
     table = pa.table(
         {
@@ -86,17 +105,19 @@ def write_shard(
             "row": pa.array([row for _, _, row in captions], type=pa.int64()),
         }
     )
-    buffer = io.BytesIO()
+    buffer = io.BytesIO()  # the captions are small beside the embeddings: they are hashed whole
     pq.write_table(table, buffer)
     parquet = buffer.getvalue()
-    for suffix, data in ((".npy", npy), (".parquet", parquet)):
-        with atomic_write(directory / f"{name}{suffix}") as handle:
-            handle.write(data)
+    with atomic_write(directory / f"{name}.npy") as handle:
+        npy = _HashingWriter(handle)
+        np.save(npy, array, allow_pickle=False)
+    with atomic_write(directory / f"{name}.parquet") as handle:
+        handle.write(parquet)
     record = {
         "name": name,
         "rows": int(array.shape[0]),
         "captions": len(captions),
-        "embeddings_sha256": _sha256(npy),
+        "embeddings_sha256": npy.digest.hexdigest(),
         "captions_sha256": _sha256(parquet),
     }
     return {**record, **(extra or {})}
@@ -121,31 +142,45 @@ def write_store_meta(
     write_json_atomic(Path(directory) / META_FILE, {**meta, **counts, "store": store})
 
 
+ShardRows = Callable[[int, int], tuple[np.ndarray, list[tuple[Any, str, int]]]]
+
+
 def write_store(
-    directory: str | os.PathLike, features: FeatureFile, feature_dtype: str | None = None, rows_per_shard: int = 100_000
+    directory: str | os.PathLike,
+    meta: dict,
+    num_rows: int,
+    row_shape: Sequence[int],
+    feature_dtype: str,
+    shard_rows: ShardRows,
+    rows_per_shard: int | None = None,
 ) -> None:
-    """Write a whole FeatureFile as a store of shards of `rows_per_shard` images (dtype by default: see
-    `default_feature_dtype`)."""
-    feature_dtype = feature_dtype or default_feature_dtype(features.row_shape)
-    embeddings = _as_numpy(features.embeddings)
-    rows = np.array([caption[FEATURES_KEY] for caption in features.captions], dtype=np.int64)
-    order = np.argsort(rows, kind="stable")  # captions grouped by shard, in file order within a row
+    """Write a store of `num_rows` rows shard by shard, then meta.json: `shard_rows(start, stop)` gives the
+    embeddings of rows start..stop-1 and their captions as (image_id, text, row in shard), and is asked for
+    one shard at a time. Shards hold `rows_per_shard` rows (default: `default_rows_per_shard`)."""
+    per_shard = rows_per_shard or default_rows_per_shard(row_shape, feature_dtype)
     shards = []
-    for number, start in enumerate(range(0, max(len(embeddings), 1), rows_per_shard)):
-        end = min(start + rows_per_shard, len(embeddings))
-        chosen = order[(rows[order] >= start) & (rows[order] < end)]
+    for number, start in enumerate(range(0, max(num_rows, 1), per_shard)):
+        stop = min(start + per_shard, num_rows)
+        # Unpacked straight into write_shard, never named here: a shard's rows are freed before the next
+        # shard's are gathered, so no more than one shard is in memory.
+        shards.append(write_shard(directory, shard_name(number), *shard_rows(start, stop), feature_dtype))
+    write_store_meta(directory, meta, shards, row_shape, feature_dtype)
+
+
+def _feature_file_rows(features: FeatureFile) -> ShardRows:
+    """`write_store`'s rows of a FeatureFile in memory: captions grouped by row, in file order within a row."""
+    embeddings = features.embeddings.detach().float().cpu().contiguous().numpy()
+    rows = np.array([caption[FEATURES_KEY] for caption in features.captions], dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+
+    def shard_rows(start: int, stop: int) -> tuple[np.ndarray, list[tuple[Any, str, int]]]:
+        chosen = order[(rows[order] >= start) & (rows[order] < stop)]
         captions = [
             (features.captions[i]["image_id"], features.captions[i]["caption"], int(rows[i]) - start) for i in chosen
         ]
-        shards.append(write_shard(directory, shard_name(number), embeddings[start:end], captions, feature_dtype))
-    meta = {key: value for key, value in features.meta.items() if key not in ("store",)}
-    write_store_meta(directory, meta, shards, embeddings.shape[1:], feature_dtype)
+        return embeddings[start:stop], captions
 
-
-def _as_numpy(embeddings: "torch.Tensor | ShardedEmbeddings") -> np.ndarray:
-    if isinstance(embeddings, ShardedEmbeddings):
-        return embeddings.numpy()
-    return embeddings.detach().float().cpu().contiguous().numpy()
+    return shard_rows
 
 
 class ShardedEmbeddings:
@@ -409,7 +444,7 @@ def convert_features(
     source: str | os.PathLike,
     target: str | os.PathLike,
     feature_dtype: str | None = None,
-    rows_per_shard: int = 100_000,
+    rows_per_shard: int | None = None,
 ) -> str:
     """Pickle -> store, or store -> pickle, the direction taken from what `source` is; returns it in words."""
     if is_store(source):
@@ -425,6 +460,8 @@ def convert_features(
     check_store_output(target)
     features = read_feature_file(source)
     feature_dtype = feature_dtype or default_feature_dtype(features.row_shape)
+    meta = {key: value for key, value in features.meta.items() if key != "store"}
     clear_store(target)
-    write_store(target, features, feature_dtype, rows_per_shard)
+    num_rows = len(features.embeddings)
+    write_store(target, meta, num_rows, features.row_shape, feature_dtype, _feature_file_rows(features), rows_per_shard)
     return f"pickle -> store ({feature_dtype})"

@@ -4,7 +4,7 @@ of its captions. The two scripts share the flags and the run defined here.
 
 `iter_encoded_batches` is the one code path from image files to features (predict.py uses it too);
 `extract_features` adds the bookkeeping of Stage 1: rows aligned with captions, skipped images,
-partial saves for `--resume`, and the merge of torchrun processes' shares.
+partial saves for `--resume`, and the merge of torchrun processes' shares (stages/extract_merge.py).
 """
 
 import argparse
@@ -20,16 +20,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.annotations import ImageRecord, inside_images_dir, read_annotations
-from data.atomic import check_outputs, remove_stale_temporaries, write_json_atomic
+from data.atomic import check_outputs, remove_stale_temporaries
 from data.errors import InputError
-from data.features import FEATURES_KEY, FeatureFile, check_pickle_fits, write_feature_file
+from data.features import check_pickle_fits
 from data.images import IMAGE_CONVERSION, ImageDataset, collate_images
-from data.store import check_store_output, clear_store, default_feature_dtype, write_store
+from data.store import check_store_output, default_feature_dtype
 from data.webdataset_input import expand_shard_urls
 from models.device import DEVICE_HELP, PRECISION_HELP, resolve_precision
 from models.encoders import ImageEncoder, Preprocess, load_encoder
 from stages.distributed import DistributedContext, close_distributed, init_distributed
 from stages.encode import NONFINITE_REASON, encode_pixels
+from stages.extract_merge import ExtractionResult, merge_partial_results, skipped_path
 from stages.extract_resume import Chunk, PartialStore, fingerprint
 from stages.extract_webdataset import WebdatasetResult, add_scale_arguments, extract_webdataset, webdataset_meta
 
@@ -86,37 +87,6 @@ def iter_encoded_batches(
             yield EncodedBatch(indices, features, failures)
 
 
-@dataclass
-class ExtractionResult:
-    """What rank 0 wrote: the feature file's contents and the images it had to skip."""
-
-    features: FeatureFile
-    skipped: list[dict]  # {"image_id", "path", "reason"}, in annotation order
-    skipped_file: Path
-
-
-def skipped_path(output_file: str | os.PathLike) -> Path:
-    """`features.pkl` -> `features.skipped.json`, beside it."""
-    return Path(output_file).with_suffix(".skipped.json")
-
-
-def _build_feature_file(records: list[ImageRecord], encoded: dict[int, torch.Tensor], meta: dict) -> FeatureFile | None:
-    """Rows in annotation order for the encoded images; every caption of a kept image points at its row."""
-    kept = [index for index in range(len(records)) if index in encoded]
-    if not kept:
-        return None
-    embeddings = torch.stack([encoded[index] for index in kept])  # (N, D) or (N, T, D)
-    captions = [
-        {"image_id": records[index].image_id, "caption": caption, FEATURES_KEY: row}
-        for row, index in enumerate(kept)
-        for caption in records[index].captions
-    ]
-    counts = {"num_images": len(kept), "num_captions": len(captions)}
-    shape = {"feature_dim": embeddings.shape[-1], "row_shape": list(embeddings.shape[1:])}
-    meta = {**meta, **counts, **shape}
-    return FeatureFile(embeddings, captions, meta)
-
-
 def extract_features(
     records: list[ImageRecord],
     images_dir: str | os.PathLike,
@@ -162,8 +132,8 @@ def extract_features(
 
     done: set[int] = set()
     if resume:
-        encoded, failed = store.load()
-        done = set(encoded) | set(failed)
+        saved = store.saved()
+        done = set(saved.rows) | set(saved.failed)
     todo = [index for index in range(context.rank, len(records), context.world_size) if index not in done]
     if context.is_main and done:
         print(f"resuming: {len(done)} images done before, {len(todo)} left for this process")
@@ -205,40 +175,7 @@ def extract_features(
         "captions_file": str(captions_file),
         "images_dir": str(images_dir),
     }
-    return _merge(records, paths, store, output_file, meta, output_format, feature_dtype)
-
-
-def _merge(
-    records: list[ImageRecord],
-    paths: list[Path],
-    store: PartialStore,
-    output_file: str | os.PathLike,
-    meta: dict,
-    output_format: str,
-    feature_dtype: str | None,
-) -> ExtractionResult:
-    """Rank 0: the store's results become the feature file and the skipped-images report."""
-    encoded, failed = store.load()
-    missing = [index for index in range(len(records)) if index not in encoded and index not in failed]
-    if missing:  # only if chunk files vanished while the run was going: refuse to write a file with holes
-        raise RuntimeError(f"{len(missing)} images have no result in {store.directory}, e.g. {paths[missing[0]]}")
-    skipped = [
-        {"image_id": records[index].image_id, "path": str(paths[index]), "reason": failed[index]}
-        for index in sorted(failed)
-    ]
-    features = _build_feature_file(records, encoded, {**meta, "num_skipped": len(skipped)})
-    report = skipped_path(output_file)
-    write_json_atomic(report, {"output_file": str(output_file), "num_skipped": len(skipped), "skipped": skipped})
-    if features is None:
-        store.remove()
-        raise InputError(f"no image could be encoded ({len(skipped)} skipped, listed in {report})")
-    if output_format == "shards":
-        clear_store(output_file)
-        write_store(output_file, features, feature_dtype)
-    else:
-        write_feature_file(output_file, features)
-    store.remove()
-    return ExtractionResult(features, skipped, report)
+    return merge_partial_results(records, paths, store, output_file, meta, output_format, feature_dtype)
 
 
 def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,16 +9,19 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from data.atomic import remove_stale_temporaries, torch_save_atomic, write_json_atomic
 from data.errors import InputError
 
 FINGERPRINT_FILE = "fingerprint.json"
+GATHER_ROWS = 64  # rows copied at a time out of a chunk: 10 MB of ViT-B/32 tokens in float32
 
 
 @dataclass
@@ -37,6 +40,50 @@ class Chunk:
         self.indices.extend(indices)
         self.features.append(features)
         self.failures.extend(failures)
+
+
+def _read_chunk(path: Path) -> dict:
+    """A chunk file with its features memory-mapped: only the pages of the rows used are read."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if len(payload["indices"]) != len(payload["features"]):
+            raise ValueError(f"{len(payload['indices'])} indices for {len(payload['features'])} feature rows")
+        payload["failures"] = [(int(index), str(reason)) for index, reason in payload["failures"]]
+    except Exception as error:  # torch raises many types for a corrupt file
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise InputError(f"{path}: unreadable partial result ({reason}); delete it to re-encode its images") from None
+    return payload
+
+
+@dataclass
+class SavedResults:
+    """The partial store's results by image index, the feature rows still in their chunk files."""
+
+    rows: dict[int, tuple[Path, int]]  # encoded image -> (chunk file, position of its row there)
+    failed: dict[int, str]  # image with no row -> why
+    row_shape: tuple[int, ...] | None  # one row's shape, (D,) or (T, D); None when no image was encoded
+
+    def gather(self, indices: Sequence[int], dtype: type = np.float32) -> np.ndarray:
+        """The rows of `indices`, in that order, as one (len(indices), *row_shape) array of `dtype` (cast as
+        numpy's astype casts); each chunk file is mapped once and only the rows asked for are read."""
+        out = np.empty((len(indices), *self.row_shape), dtype=dtype)
+        by_chunk: dict[Path, tuple[list[int], list[int]]] = {}
+        for position, index in enumerate(indices):
+            path, row = self.rows[index]
+            targets, sources = by_chunk.setdefault(path, ([], []))
+            targets.append(position)
+            sources.append(row)
+        for path, (targets, sources) in by_chunk.items():
+            _copy_rows(out, targets, _read_chunk(path)["features"].numpy(), sources)
+        return out
+
+
+def _copy_rows(out: np.ndarray, targets: list[int], features: np.ndarray, sources: list[int]) -> None:
+    """out[targets] = features[sources], a few rows at a time: indexing a chunk's rows at once would copy
+    them all in float32 first. Returning unmaps the chunk before the next one is opened."""
+    for start in range(0, len(targets), GATHER_ROWS):
+        block = slice(start, start + GATHER_ROWS)
+        out[targets[block]] = features[sources[block]]
 
 
 def fingerprint(
@@ -102,23 +149,19 @@ class PartialStore:
         payload = {"indices": chunk.indices, "features": features, "failures": [list(f) for f in chunk.failures]}
         torch_save_atomic(payload, self.directory / f"chunk-{first:09d}.pt")
 
-    def load(self) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
-        """All saved results: index -> feature row, index -> failure reason."""
-        encoded: dict[int, torch.Tensor] = {}
+    def saved(self) -> SavedResults:
+        """What the chunk files hold, their features left on disk: each encoded image's place, each failure."""
+        rows: dict[int, tuple[Path, int]] = {}
         failed: dict[int, str] = {}
+        row_shape = None
         for path in sorted(self.directory.glob("chunk-*.pt")):
-            try:
-                payload = torch.load(path, map_location="cpu", weights_only=True)
-                rows = dict(zip(payload["indices"], payload["features"], strict=True))
-                failures = {int(index): str(reason) for index, reason in payload["failures"]}
-            except Exception as error:  # torch raises many types for a corrupt file
-                reason = (str(error).splitlines() or [type(error).__name__])[0]
-                raise InputError(
-                    f"{path}: unreadable partial result ({reason}); delete it to re-encode its images"
-                ) from None
-            encoded.update(rows)
-            failed.update(failures)
-        return encoded, {index: reason for index, reason in failed.items() if index not in encoded}
+            payload = _read_chunk(path)
+            indices, features = payload["indices"], payload["features"]
+            rows.update((int(index), (path, position)) for position, index in enumerate(indices))
+            failed.update(payload["failures"])
+            if indices:
+                row_shape = tuple(features.shape[1:])
+        return SavedResults(rows, {index: reason for index, reason in failed.items() if index not in rows}, row_shape)
 
     def remove(self) -> None:
         """Delete the partial results once the merged file is written."""

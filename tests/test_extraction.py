@@ -2,8 +2,9 @@
 row alignment, batch-size invariance, resume, and a 2-process torchrun run."""
 
 import json
-import subprocess
+import math
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +12,19 @@ import pytest
 import torch
 from PIL import Image
 
+import data.store
 import parse_coco_clip
 import parse_coco_dino
 import stages.extract
+from data.annotations import ImageRecord
 from data.errors import InputError, exit_on_input_error
 from data.features import read_feature_file
 from data.images import load_rgb
+from data.store import META_FILE, read_features
 from models.encoders import load_encoder
+from stages.extract_merge import merge_partial_results, skipped_path
+from stages.extract_resume import Chunk, PartialStore
+from tests.conftest import run_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS_PER_IMAGE = 5
@@ -97,6 +104,10 @@ def clip_args(coco, model_dir, output_file, *extra) -> list[str]:
         "cpu",
         *extra,
     ]
+
+
+def read_store_meta(store: Path) -> dict:
+    return json.loads((store / META_FILE).read_text())
 
 
 def run_clip(coco, model_dir, output_file, *extra):
@@ -193,18 +204,19 @@ def test_features_do_not_depend_on_batch_size(coco, tiny_clip_dir, tmp_path):
         torch.testing.assert_close(other, embeddings[0], atol=2e-6, rtol=1e-5)
 
 
-def test_nothing_encoded_exits_non_zero_with_one_line(coco, tiny_clip_dir, tmp_path, capsys):
+@pytest.mark.parametrize("output_format", ["pickle", "shards"])
+def test_nothing_encoded_exits_non_zero_with_one_line(coco, tiny_clip_dir, tmp_path, capsys, output_format):
     captions_file = tmp_path / "bad_only.json"
     captions_file.write_text(json.dumps([{"image_id": i, "caption": "x"} for i in BAD]))
-    output_file = tmp_path / "none.pkl"
-    arguments = clip_args(coco, tiny_clip_dir, output_file, "--num_workers", "0")
+    output_file = tmp_path / ("none.pkl" if output_format == "pickle" else "none")
+    arguments = clip_args(coco, tiny_clip_dir, output_file, "--num_workers", "0", "--output_format", output_format)
     arguments[arguments.index("--captions_file") + 1] = str(captions_file)
     with pytest.raises(SystemExit) as exit_info, exit_on_input_error():
         parse_coco_clip.main(parse_coco_clip.parse_args(arguments))
     assert exit_info.value.code != 0
     error_lines = capsys.readouterr().err.strip().splitlines()
     assert error_lines[-1].startswith("error: no image could be encoded (4 skipped, listed in")
-    assert not output_file.exists()
+    assert not output_file.exists() and not Path(f"{output_file}.partial").exists()
     assert json.loads((tmp_path / "none.skipped.json").read_text())["num_skipped"] == len(BAD)
 
 
@@ -277,29 +289,54 @@ def test_resume_continues_without_re_encoding_and_equals_an_uninterrupted_run(
     assert not (tmp_path / "resumed.pkl.partial").exists()
 
 
-def test_torchrun_two_processes_write_one_merged_file(coco, tiny_clip_dir, tmp_path):
-    """Each process encodes its share (gloo on CPU); rank 0 merges them into the file one process writes."""
+# parse_coco_clip.py writing stores of 3 pooled rows (32 fp32 features) per shard.
+SMALL_SHARDS = """
+import sys
+import data.store
+import parse_coco_clip
+data.store.SHARD_BYTES = 3 * 32 * 4
+parse_coco_clip.main(parse_coco_clip.parse_args(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("output_format", ["pickle", "shards"])
+def test_torchrun_two_processes_write_one_merged_file(coco, tiny_clip_dir, tmp_path, output_format):
+    """Each process encodes its share (gloo on CPU); rank 0 merges them into the file one process writes. A store
+    comes in shards of 3 rows, so each shard takes rows from both processes' chunks."""
     run_clip(coco, tiny_clip_dir, tmp_path / "single.pkl", "--num_workers", "0")
-    output_file = tmp_path / "torchrun.pkl"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "parse_coco_clip.py",
-    ]
-    command += clip_args(coco, tiny_clip_dir, output_file, "--num_workers", "0", "--batch_size", "2")
-    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    output_file = tmp_path / ("torchrun.pkl" if output_format == "pickle" else "torchrun")
+    options = ("--num_workers", "0", "--batch_size", "2", "--checkpoint_every", "2", "--output_format", output_format)
+    script = ["parse_coco_clip.py"] if output_format == "pickle" else ["--no-python", sys.executable, "-c", SMALL_SHARDS]
+    completed = run_torchrun([*script, *clip_args(coco, tiny_clip_dir, output_file, *options)])
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count("wrote ") == 1  # only rank 0 writes and reports
     assert "world_size: 2" in completed.stdout
-    merged, single = read_feature_file(output_file), read_feature_file(tmp_path / "single.pkl")
-    torch.testing.assert_close(merged.embeddings, single.embeddings, atol=2e-6, rtol=1e-5)
-    assert merged.captions == single.captions and merged.meta == single.meta
-    report = json.loads((tmp_path / "torchrun.skipped.json").read_text())
+    merged, single = read_features(output_file), read_feature_file(tmp_path / "single.pkl")
+    torch.testing.assert_close(merged.embeddings[:], single.embeddings, atol=2e-6, rtol=1e-5)
+    assert list(merged.captions) == single.captions and merged.meta == single.meta
+    if output_format == "shards":
+        assert [shard["rows"] for shard in read_store_meta(output_file)["store"]["shards"]] == [3, 3, 2]
+    report = json.loads(skipped_path(output_file).read_text())
     assert [entry["image_id"] for entry in report["skipped"]] == list(BAD)
+
+
+@pytest.mark.parametrize("feature_type", ["image_embeds", "patch_tokens"])
+def test_a_store_written_shard_by_shard_equals_the_pickle(coco, tiny_clip_dir, tmp_path, monkeypatch, feature_type):
+    """Chunks of 4 images (--checkpoint_every 3, batches of 2) and shards of 3 rows: shards take rows from
+    several chunks, and equal the pickle of the same extraction row for row, caption for caption."""
+    options = ("--feature_type", feature_type, "--checkpoint_every", "3", "--batch_size", "2", "--num_workers", "0")
+    run_clip(coco, tiny_clip_dir, tmp_path / "features.pkl", *options)
+    pickled = read_feature_file(tmp_path / "features.pkl")
+    monkeypatch.setattr(data.store, "SHARD_BYTES", 3 * 4 * math.prod(pickled.row_shape))  # fp32 rows
+    store_dir = tmp_path / "store"
+    run_clip(coco, tiny_clip_dir, store_dir, *options, "--output_format", "shards", "--feature_dtype", "fp32")
+    assert [shard["rows"] for shard in read_store_meta(store_dir)["store"]["shards"]] == [3, 3, 2]
+    store = read_features(store_dir)
+    assert torch.equal(store.embeddings[:], pickled.embeddings)
+    assert list(store.captions) == pickled.captions and store.meta == pickled.meta
+    reports = [json.loads(skipped_path(path).read_text()) for path in (store_dir, tmp_path / "features.pkl")]
+    assert reports[0]["skipped"] == reports[1]["skipped"] and len(reports[0]["skipped"]) == len(BAD)
+    assert not Path(f"{store_dir}.partial").exists()
 
 
 @pytest.mark.gpu
@@ -310,3 +347,65 @@ def test_cuda_bf16_features_match_cpu(coco, tiny_clip_dir, tmp_path):
     cpu, cuda = read_feature_file(tmp_path / "cpu.pkl"), read_feature_file(tmp_path / "cuda.pkl")
     assert cuda.meta["encoder"] == cpu.meta["encoder"] and cuda.captions == cpu.captions
     torch.testing.assert_close(cuda.embeddings, cpu.embeddings, atol=0.05, rtol=0.05)  # bf16 autocast
+
+
+def test_the_merge_into_a_store_holds_about_one_shard_in_memory(tmp_path, monkeypatch):
+    """Rank 0 merges two ranks' chunks (interleaved indices, 4 images each) of 50 x 768 token rows into fp16 shards
+    of 12 rows: the merge's traced allocations (numpy's included) peak under two shards of float32 rows, less than
+    a quarter of all rows (2.0 MiB of 16.5). The old merge stacked every row, then cast and serialized them whole
+    (25 MiB), and fails this. The store holds every row."""
+    row_shape, num_images, per_chunk, per_shard = (50, 768), 120, 4, 12
+    rows = np.random.default_rng(0).standard_normal((num_images, *row_shape)).astype(np.float32)
+    failed = {index: "cannot decode" for index in range(5, num_images, 17)}
+    records = [ImageRecord(index, f"{index}.jpg", [f"caption {index} {k}" for k in range(2)]) for index in range(num_images)]
+    partial = PartialStore(tmp_path / "store", {"settings": "any"})
+    partial.start(fresh=True)
+    for rank in range(2):
+        mine = list(range(rank, num_images, 2))
+        for start in range(0, len(mine), per_chunk):
+            chunk, block = Chunk(), mine[start : start + per_chunk]
+            encoded = [index for index in block if index not in failed]
+            chunk.add(encoded, torch.from_numpy(rows[encoded]), [(index, failed[index]) for index in block if index in failed])
+            partial.save(chunk)
+    row_bytes = 4 * math.prod(row_shape)
+    monkeypatch.setattr(data.store, "SHARD_BYTES", per_shard * row_bytes // 2)  # 12 fp16 rows
+    paths = [tmp_path / record.file_path for record in records]
+
+    tracemalloc.start()
+    try:
+        result = merge_partial_results(records, paths, partial, tmp_path / "store", {"encoder": {}}, "shards", None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    kept = [index for index in range(num_images) if index not in failed]
+    assert peak < 2 * per_shard * row_bytes < len(kept) * row_bytes / 4, f"peak {peak / 2**20:.1f} MiB"
+
+    meta = read_store_meta(tmp_path / "store")
+    assert [shard["rows"] for shard in meta["store"]["shards"]] == [12] * 9 + [5]
+    assert meta["store"]["feature_dtype"] == "fp16" and meta["num_skipped"] == len(failed)
+    store = read_features(tmp_path / "store")
+    assert torch.equal(store.embeddings[:], torch.from_numpy(rows[kept]).half().float())
+    assert list(store.captions) == [
+        {"image_id": index, "caption": f"caption {index} {k}", "clip_embedding": row}
+        for row, index in enumerate(kept)
+        for k in range(2)
+    ]
+    assert [entry["image_id"] for entry in result.skipped] == sorted(failed)
+    assert not partial.directory.exists()
+
+
+def test_a_damaged_chunk_file_is_refused_in_one_line(tmp_path):
+    partial = PartialStore(tmp_path / "out.pkl", {"settings": "any"})
+    partial.start(fresh=True)
+    chunk = Chunk()
+    chunk.add([0, 2], torch.zeros(2, 4), [(1, "cannot decode")])
+    partial.save(chunk)
+    assert partial.saved().failed == {1: "cannot decode"} and partial.saved().row_shape == (4,)
+    path = partial.directory / "chunk-000000000.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(InputError, match=r"chunk-000000000\.pt: unreadable partial result \(.*\); delete it") as error:
+        partial.saved()
+    assert "\n" not in str(error.value)
+    torch.save({"indices": [0, 2, 4], "features": torch.zeros(2, 4), "failures": []}, path)
+    with pytest.raises(InputError, match=r"unreadable partial result \(3 indices for 2 feature rows\)"):
+        partial.saved()

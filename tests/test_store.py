@@ -16,7 +16,7 @@ from data.captions import captions_fingerprint, drop_long_captions, load_or_toke
 from data.errors import InputError
 from data.features import FeatureFile, read_feature_file, write_feature_file
 from data.references import load_references
-from data.store import META_FILE, CaptionTable, ShardedEmbeddings, read_features, read_store
+from data.store import META_FILE, CaptionTable, ShardedEmbeddings, default_rows_per_shard, read_features, read_store
 from models.checkpoint import load_tokenizer
 from tests.test_training import CAPTIONS, read_log, train_args
 
@@ -191,3 +191,19 @@ def test_train_predict_and_references_read_the_store_as_the_pickle(tmp_path, tin
         outputs[name] = capsys.readouterr().out
     assert outputs["store"] == outputs["pickle"] and outputs["store"].count("\n") == 8
     assert load_references(store) == load_references(pickle_file)
+
+
+def test_shards_hold_about_shard_bytes_of_embeddings_unless_rows_per_shard_is_given(tmp_path, monkeypatch):
+    assert default_rows_per_shard((50, 768), "fp16") == 13_981  # COCO's 123k ViT-B/32 token rows: 9 shards
+    assert default_rows_per_shard((512,), "fp32") == 524_288
+    assert default_rows_per_shard((2**31,), "fp32") == 1  # a row larger than the target has a shard to itself
+    monkeypatch.setattr("data.store.SHARD_BYTES", 2 * 6 * 4)  # two fp32 rows of sample_features, four fp16 ones
+    features = sample_features()  # 7 rows
+    write_feature_file(tmp_path / "features.pkl", features)
+    for flags, rows in (([], [2, 2, 2, 1]), (["--feature_dtype", "fp16"], [4, 3]), (["--rows_per_shard", "5"], [5, 2])):
+        store = tmp_path / f"store{len(rows)}"
+        convert_features.main(convert_features.parse_args([str(tmp_path / "features.pkl"), str(store), *flags]))
+        assert [shard["rows"] for shard in json.loads((store / META_FILE).read_text())["store"]["shards"]] == rows
+        opened = read_features(store)
+        assert list(opened.captions) == features.captions
+        assert torch.equal(opened.embeddings[:], features.embeddings.half().float() if "fp16" in flags else features.embeddings)
