@@ -64,8 +64,14 @@ def train_clip_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> CLIPTok
     )
     bpe.train_from_iterator(texts, trainer)
     state = json.loads(bpe.to_str())["model"]
+    # The trainer numbers tokens of equal count (the word-end characters "a</w>", merges that tie) in hash
+    # order, which differs from run to run; numbered in sorted order, the same texts give the same ids, so
+    # the same seed gives the same model.
+    tokens = [START_OF_TEXT, END_OF_TEXT, *sorted(set(state["vocab"]) - {START_OF_TEXT, END_OF_TEXT})]
     # CLIPTokenizer(vocab=dict, merges=list of pairs) survives save_pretrained and AutoTokenizer.
-    return CLIPTokenizer(vocab=state["vocab"], merges=[tuple(pair) for pair in state["merges"]])
+    return CLIPTokenizer(
+        vocab={token: index for index, token in enumerate(tokens)}, merges=[tuple(pair) for pair in state["merges"]]
+    )
 
 
 def save_tiny_clip_model(
