@@ -169,16 +169,22 @@ class LanguageModelRows:
         self.sequence = torch.cat((self.sequence, new_embeds.to(self.sequence.dtype)), dim=1)  # (R, L+1, E)
         return self._run(self.sequence)
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep (and reorder to) `rows`: beams that survive, or sequences not yet finished."""
-        if self.cross_states is not None:
+    def select(self, rows: torch.Tensor, same_images: bool = False) -> None:
+        """Keep (and reorder to) `rows`: beams that survive, or sequences not yet finished. With
+        `same_images`, every row stays among its image's rows (beams reordered within their image), so
+        the cross-attention states, the same for all of an image's rows, stay where they are."""
+        if self.cross_states is not None and not same_images:
             # GPT-2 runs its cross-attention only when given states; with the cache it reads the
             # cached keys and values, so these just keep the rows' count and order.
             self.cross_states = self.cross_states[rows]
-        if self.cache is not None:
-            self.cache.batch_select_indices(rows)
-        else:
+        if self.cache is None:
             self.sequence = self.sequence[rows]
+        elif isinstance(self.cache, EncoderDecoderCache) and same_images:
+            # Moving the cached cross-attention keys and values of every beam at every step would copy
+            # (rows x layers x patch tokens) of them a token, more than the step itself costs.
+            self.cache.self_attention_cache.batch_select_indices(rows)
+        else:
+            self.cache.batch_select_indices(rows)
 
     def repeat(self, times: int) -> None:
         """Each row becomes `times` consecutive rows (one per beam, or per sampled caption)."""
@@ -317,7 +323,10 @@ def beam_search(
         finished = finished.gather(1, source) | torch.isin(new_tokens, stop_ids)
         history = tokens.gather(1, source.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         tokens = torch.cat((history, new_tokens.unsqueeze(-1)), dim=-1)  # (G, K, T+1)
-        rows.select((torch.arange(num_groups, device=source.device).unsqueeze(1) * beam_size + source).flatten())
+        rows.select(
+            (torch.arange(num_groups, device=source.device).unsqueeze(1) * beam_size + source).flatten(),
+            same_images=True,
+        )
     for group, image in enumerate(active.tolist()):
         results[image] = _best_beams(tokens[group], lengths[group], scores[group], options)
     return results
