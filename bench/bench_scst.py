@@ -14,7 +14,6 @@ import argparse
 import json
 import random
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, get_con
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as `python bench/bench_scst.py`
 
+from bench.child import run_variant_process  # noqa: E402
 from data.captions import CaptionCollator  # noqa: E402
 from data.errors import exit_on_input_error  # noqa: E402
 from data.features import FeatureFile  # noqa: E402
@@ -177,12 +177,11 @@ def main(args: argparse.Namespace) -> None:
     print(f"{'step':<34}{'s/step':>9}{'peak MiB':>10}")
     figures = {}
     for variant, label in (("ce", "cross-entropy (captions)"), ("scst", "SCST (sample, reward, pass)")):
-        command = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            print(f"{label:<34} failed: {result.stderr.strip().splitlines()[-1]}")
+        result, error = run_variant_process(__file__, variant)
+        if result is None:
+            print(f"{label:<34} failed: {error}")
             continue
-        figures[variant] = json.loads(result.stdout.strip().splitlines()[-1])
+        figures[variant] = result
         print(f"{label:<34}{figures[variant]['seconds_per_step']:>9.2f}{figures[variant]['peak_mib']:>10.0f}", flush=True)
     if len(figures) == 2:
         print(f"SCST step / cross-entropy step: {figures['scst']['seconds_per_step'] / figures['ce']['seconds_per_step']:.2f}x")

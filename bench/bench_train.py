@@ -15,7 +15,6 @@ allocated on CUDA).
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_w
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as `python bench/bench_train.py`
 
+from bench.child import run_variant_process  # noqa: E402
 from bench.clipcap_reference import ClipCaptionModel as ClipCapModel  # noqa: E402
 from bench.clipcap_reference import ClipCaptionPrefix, clipcap_train_step, max_seq_len, pad_tokens  # noqa: E402
 from data.captions import CaptionCollator  # noqa: E402
@@ -166,14 +166,10 @@ def main(args: argparse.Namespace) -> None:
         baseline = None
         for implementation in IMPLEMENTATIONS:
             for precision in precisions if implementation == "ours" else ["fp32"]:
-                command = [sys.executable, __file__, *sys.argv[1:], "--variant", f"{implementation}:{mode}:{precision}"]
-                result = subprocess.run(command, capture_output=True, text=True, check=False)
-                if result.returncode != 0:
-                    print(
-                        f"{mode:<12}{implementation:<16}{precision:<10} failed: {result.stderr.strip().splitlines()[-1]}"
-                    )
+                figures, error = run_variant_process(__file__, f"{implementation}:{mode}:{precision}")
+                if figures is None:
+                    print(f"{mode:<12}{implementation:<16}{precision:<10} failed: {error}")
                     continue
-                figures = json.loads(result.stdout.strip().splitlines()[-1])
                 baseline = baseline or figures["samples_per_s"]
                 print(
                     f"{mode:<12}{implementation:<16}{precision:<10}{figures['padded_length']:>8.1f}"

@@ -15,7 +15,6 @@ so its peak memory is its own: on CUDA the peak allocated, on the CPU the peak r
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench_xattn.py`
 
 from bench.bench_train import caption_lengths  # noqa: E402
+from bench.child import run_variant_process  # noqa: E402
 from data.captions import CaptionCollator  # noqa: E402
 from data.errors import exit_on_input_error  # noqa: E402
 from models.captioner import ClipCaptionModel  # noqa: E402
@@ -160,12 +160,10 @@ def main(args: argparse.Namespace) -> None:
     for task in TASKS:
         baseline = None
         for design in DESIGNS:
-            command = [sys.executable, __file__, *sys.argv[1:], "--variant", f"{design}:{task}"]
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                print(f"{task:<8}{design:<8} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
+            figures, error = run_variant_process(__file__, f"{design}:{task}")
+            if figures is None:
+                print(f"{task:<8}{design:<8} failed: {error}", flush=True)
                 continue
-            figures = json.loads(result.stdout.strip().splitlines()[-1])
             baseline = baseline or figures["per_s"]
             print(
                 f"{task:<8}{design:<8}{figures['precision']:<10}{figures['per_s']:>10.2f}"

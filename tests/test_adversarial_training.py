@@ -23,7 +23,7 @@ from models.config import CaptionerConfig
 from models.tiny import save_tiny_gpt2
 from stages.train import Trainer
 from tests.conftest import REPO
-from tests.test_training import CAPTIONS, FEATURE_DIM, Interrupted, read_log, train_args, write_features
+from tests.test_training import CAPTIONS, FEATURE_DIM, crash_at_step, read_log, train_args, write_features
 
 
 def error_line(module, argv: list[str], capsys) -> str:
@@ -169,17 +169,7 @@ def test_resume_drops_a_torn_last_log_line_and_lines_past_the_checkpoint(tmp_pat
     data = write_features(tmp_path / "train.pkl", [CAPTIONS[:4], CAPTIONS[4:]])  # 2 steps an epoch
     out_dir = tmp_path / "run"
     args = train_args(data, out_dir, tiny_gpt2_dir, "--epochs", "2", "--save_latest_every", "1")
-    original_step = Trainer.train_step
-
-    def crash_at_step_three(self, batch, epoch):
-        if self.position["step"] == 2:
-            raise Interrupted
-        return original_step(self, batch, epoch)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_three)
-    with pytest.raises(Interrupted):
-        train.main(train.parse_args(args))
-    monkeypatch.undo()
+    crash_at_step(monkeypatch, Trainer, 3, args)
     log = out_dir / "coco_prefix_log.jsonl"
     with open(log, "a") as handle:  # a line past the checkpoint (step 2), then one cut by a full disk
         handle.write('{"step": 3, "epoch": 1, "loss": 1.0}\n{"step": 4, "epo')

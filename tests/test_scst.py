@@ -14,7 +14,7 @@ from models.clip_score import ClipScorer
 from models.tiny import save_tiny_clip_model
 from stages.scst import ScstTrainer
 from tests.conftest import REPO, TOKENIZER_TEXTS
-from tests.test_training import CAPTIONS, Interrupted, read_log, train_args, write_features
+from tests.test_training import CAPTIONS, crash_at_step, read_log, train_args, write_features
 
 # Two references per image: the captions of two neighbours, so no single caption is right everywhere.
 REFERENCES = [[text, CAPTIONS[(row + 1) % len(CAPTIONS)]] for row, text in enumerate(CAPTIONS)]
@@ -97,19 +97,8 @@ def test_every_reward_and_baseline_runs(tmp_path, data, checkpoint, clip_feature
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, data, checkpoint, monkeypatch):
     common = ("--epochs", "2", "--save_latest_every", "1")
     train.main(train.parse_args(scst_args(data, checkpoint, tmp_path / "straight", *common)))
-    original_step, calls = ScstTrainer.train_step, []
-
-    def crash_at_step_three(self, batch, epoch):
-        calls.append(epoch)
-        if len(calls) == 3:
-            raise Interrupted
-        return original_step(self, batch, epoch)
-
-    monkeypatch.setattr(ScstTrainer, "train_step", crash_at_step_three)
     interrupted = tmp_path / "interrupted"
-    with pytest.raises(Interrupted):
-        train.main(train.parse_args(scst_args(data, checkpoint, interrupted, *common)))
-    monkeypatch.undo()
+    crash_at_step(monkeypatch, ScstTrainer, 3, scst_args(data, checkpoint, interrupted, *common))
     resume = ("--resume", str(interrupted))
     train.main(train.parse_args(scst_args(data, checkpoint, interrupted, *common, *resume)))
     expected = torch.load(tmp_path / "straight" / "scst-001.pt", weights_only=True)["model"]

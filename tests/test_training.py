@@ -112,6 +112,22 @@ class Interrupted(Exception):
     """Stands for a crash or a killed job in the middle of training."""
 
 
+def crash_at_step(monkeypatch, trainer_class: type[Trainer], step: int, argv: list[str]) -> None:
+    """Run train.py with `argv` and stop it (Interrupted) as its step `step` begins, as a killed job stops."""
+    original_step, calls = trainer_class.train_step, []
+
+    def crashing_step(self, batch, epoch):
+        calls.append(epoch)
+        if len(calls) == step:
+            raise Interrupted
+        return original_step(self, batch, epoch)
+
+    monkeypatch.setattr(trainer_class, "train_step", crashing_step)
+    with pytest.raises(Interrupted):
+        train.main(train.parse_args(argv))
+    monkeypatch.undo()
+
+
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, tiny_gpt2_dir, monkeypatch):
     # 12 captions at batch 4: 3 steps an epoch; dropout is on (full fine-tuning), so RNG state matters too.
     data = write_features(
@@ -121,19 +137,8 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, tiny_gpt2_
     common = ("--epochs", "2", "--save_latest_every", "2")
     train.main(train.parse_args(train_args(data, tmp_path / "straight", tiny_gpt2_dir, *common)))
 
-    original_step, calls = Trainer.train_step, []
-
-    def crash_at_step_six(self, batch, epoch):
-        calls.append(epoch)
-        if len(calls) == 6:
-            raise Interrupted
-        return original_step(self, batch, epoch)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_six)
     interrupted = tmp_path / "interrupted"
-    with pytest.raises(Interrupted):
-        train.main(train.parse_args(train_args(data, interrupted, tiny_gpt2_dir, *common)))
-    monkeypatch.undo()
+    crash_at_step(monkeypatch, Trainer, 6, train_args(data, interrupted, tiny_gpt2_dir, *common))
     resume_point = torch.load(interrupted / "coco_prefix_latest.pt", weights_only=True)["position"]
     assert (resume_point["step"], resume_point["epoch"], resume_point["batch_in_epoch"]) == (4, 1, 1)  # mid-epoch
 

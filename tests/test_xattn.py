@@ -22,7 +22,7 @@ from stages.train import Trainer
 from tests.test_extraction import write_image
 from tests.test_patch_tokens import folder_args
 from tests.test_scst import scst_args
-from tests.test_training import CAPTIONS, read_log
+from tests.test_training import CAPTIONS, crash_at_step, read_log
 
 FEATURE_DIM, NUM_TOKENS = 16, 5
 
@@ -70,10 +70,6 @@ def test_xattn_learns_to_caption_its_images(trained, tiny_gpt2_dir):
     assert [caption[0] for caption in captions] == [" ".join(text.split()) for text in CAPTIONS]
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_only_prefix_trains_the_new_layers_keeps_them_and_resumes_exactly(tmp_path, tiny_gpt2_dir, monkeypatch):
     data = write_patch_tokens(tmp_path / "train.pkl", [[text] * 2 for text in CAPTIONS])  # 4 steps an epoch
     common = ("--epochs", "2", "--save_latest_every", "2", "--only_prefix", "--bs", "4")
@@ -93,19 +89,8 @@ def test_only_prefix_trains_the_new_layers_keeps_them_and_resumes_exactly(tmp_pa
         if name in pristine:
             assert torch.equal(tensor, pristine[name]), name
 
-    original_step, calls = Trainer.train_step, []
-
-    def crash_at_step_six(self, batch, epoch):
-        calls.append(epoch)
-        if len(calls) == 6:
-            raise Interrupted
-        return original_step(self, batch, epoch)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_six)
     interrupted = tmp_path / "interrupted"
-    with pytest.raises(Interrupted):
-        train.main(train.parse_args(xattn_args(data, interrupted, tiny_gpt2_dir, *common)))
-    monkeypatch.undo()
+    crash_at_step(monkeypatch, Trainer, 6, xattn_args(data, interrupted, tiny_gpt2_dir, *common))
     train.main(train.parse_args(xattn_args(data, interrupted, tiny_gpt2_dir, *common, "--resume", str(interrupted))))
     expected = read_checkpoint(straight / "coco_prefix-001.pt")["model"]
     resumed = read_checkpoint(interrupted / "coco_prefix-001.pt")["model"]

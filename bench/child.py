@@ -1,0 +1,16 @@
+"""One benchmark variant in a process of its own, so that its peak memory is its own and a crash (or
+memory running out) costs that variant alone."""
+
+import json
+import subprocess
+import sys
+
+
+def run_variant_process(script: str, variant: str) -> tuple[dict | None, str]:
+    """Run `script` again with this command line plus `--variant VARIANT`: (its figures, the JSON of its
+    last printed line, and "") on success, (None, the last line it wrote to stderr) on failure."""
+    command = [sys.executable, script, *sys.argv[1:], "--variant", variant]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        return None, (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+    return json.loads(result.stdout.strip().splitlines()[-1]), ""
