@@ -184,7 +184,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     scst = parser.add_argument_group("SCST: self-critical fine-tuning of a train.py checkpoint (Stage 2b)")
     scst.add_argument("--scst", action="store_true", help="fine-tune --init_from by SCST instead of cross-entropy")
-    scst.add_argument("--init_from", help="the train.py checkpoint to start from: its config decides the model")
+    scst.add_argument(
+        "--init_from",
+        help="the train.py checkpoint (or export.py directory) to start from: its config decides the model",
+    )
     scst.add_argument("--reward", choices=REWARDS, help="cider (CIDEr-D, default), clip (CLIP-S) or their sum")
     scst.add_argument(
         "--baseline", choices=BASELINES, help="mean of the image's other samples (default), or its greedy caption's"

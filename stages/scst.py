@@ -19,11 +19,11 @@ from data.features import FeatureFile
 from data.references import ImageId, references_from_features
 from data.store import read_features
 from models.captioner import ClipCaptionModel
-from models.checkpoint import load_checkpoint
 from models.clip_score import ClipScorer, holds_image_embeds_of
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_text, decode
 from models.device import autocast
+from models.hf_export import load_captioner
 from stages.rewards import CiderD, mean_of_others, normalize_caption, policy_gradient_loss
 from stages.train import Trainer
 
@@ -213,10 +213,10 @@ class ScstTrainer(Trainer):
     def model_config(self, train_file: FeatureFile) -> CaptionerConfig:
         """The --init_from checkpoint's config, checked against --data."""
         if not self.options.init_from:
-            raise InputError("--scst needs --init_from, a checkpoint written by train.py")
+            raise InputError("--scst needs --init_from, a checkpoint written by train.py (or its export directory)")
         if self.options.baseline == "mean" and self.options.scst_samples < 2:
             raise InputError("--baseline mean needs --scst_samples of at least 2 (or use --baseline greedy)")
-        self.initial = load_checkpoint(self.options.init_from)
+        self.initial = load_captioner(self.options.init_from)
         config = self.initial.config
         positions = getattr(self.initial.gpt.config, "n_positions", None)
         if positions is not None and config.prefix_length + self.options.max_length > positions:

@@ -77,11 +77,6 @@ def images(conditioning, start, stop):
     return Conditioning(conditioning.prefix[start:stop], states[start:stop] if states is not None else None)
 
 
-def needs_a_prefix(captioner):
-    if captioner.config.cross_attention:
-        pytest.skip("ClipCap's own search continues a prefix; it has no cross-attention")
-
-
 def run(captioner, prefix, tokenizer, **options):
     options.setdefault("max_length", MAX_LENGTH)
     return decode(captioner, prefix, tokenizer.eos_token_id, DecodingOptions(**options))
@@ -148,9 +143,9 @@ def test_beam_returns_num_captions_distinct_best_first(captioner, prefix, tokeni
             assert h.score == pytest.approx(h.log_prob / len(h.tokens))
 
 
+@pytest.mark.parametrize("captioner", ["mlp"], indirect=True)  # ClipCap's search continues a prefix
 def test_beam_equals_clipcap_generate_beam(captioner, prefix, tokenizer):
     # ClipCap stops at its stop token only; with EOS as that token both searches are the same.
-    needs_a_prefix(captioner)
     ours = run(captioner, prefix, tokenizer, beam_size=5, num_captions=5)
     for image in range(NUM_IMAGES):
         theirs = generate_beam(
@@ -159,8 +154,8 @@ def test_beam_equals_clipcap_generate_beam(captioner, prefix, tokenizer):
         assert theirs == [tokenizer.decode(h.tokens) for h in ours[image]]
 
 
+@pytest.mark.parametrize("captioner", ["mlp"], indirect=True)  # ClipCap's search continues a prefix
 def test_greedy_equals_clipcap_generate2(captioner, prefix, tokenizer):
-    needs_a_prefix(captioner)
     ours = run(captioner, prefix, tokenizer, method="greedy")
     for image in range(NUM_IMAGES):
         theirs = generate2(
@@ -295,10 +290,9 @@ def test_cuda_decoding_gives_the_cpu_captions(captioner, features, tokenizer, me
     assert on_cuda == on_cpu  # fp32 on both: the same argmax at every step
 
 
+@pytest.mark.parametrize("captioner", ["xattn"], indirect=True)
 @pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
 def test_cross_attention_keys_and_values_are_computed_once(captioner, prefix, tokenizer, method):
-    if not captioner.config.cross_attention:
-        pytest.skip("prefix captioners have no cross-attention")
     # In GPT-2's cross-attention, c_attn turns the patch-token states into keys and values.
     inputs_seen = []
     hooks = [

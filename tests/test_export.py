@@ -365,3 +365,20 @@ def test_a_bundled_encoder_gives_the_features_of_the_original(tmp_path, family, 
     assert torch.equal(copy_preprocess(image)[None], pixels)
     with torch.no_grad():
         assert torch.equal(copy(pixels), encoder(pixels))
+
+
+def test_scst_starts_from_an_export_as_from_its_checkpoint(tmp_path, checkpoint):
+    exported = tmp_path / "export"
+    export.main(export.parse_args([str(checkpoint), str(exported)]))
+    data = random_features(tmp_path / "train.pkl")
+    weights = {}
+    for name, source in (("pt", checkpoint), ("dir", exported)):
+        out_dir = tmp_path / f"scst_{name}"
+        args = ["--scst", "--init_from", str(source), "--data", str(data), "--out_dir", str(out_dir), "--prefix", "scst"]
+        args += ["--cache_dir", str(tmp_path / "cache"), "--epochs", "1", "--bs", "4", "--lr", "1e-3", "--seed", "0"]
+        args += ["--scst_samples", "2", "--max_length", "6"]
+        train.main(train.parse_args(args))
+        weights[name] = torch.load(out_dir / "scst-000.pt", weights_only=True)["model"]
+    # The same starting weights and seed: the same fine-tuned weights (mapper and whole LM).
+    assert weights["pt"].keys() == weights["dir"].keys()
+    assert all(torch.allclose(weights["pt"][key], weights["dir"][key], atol=1e-6) for key in weights["pt"])
