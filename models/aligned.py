@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 from torchvision.models import resnet50
@@ -167,16 +167,20 @@ def load_aligned_encoder(directory: str | os.PathLike) -> AlignedImageEncoder:
     except (OSError, ValueError) as error:
         raise InputError(f"{directory / CONFIG_FILE}: cannot read ({error})") from None
     config = AlignedConfig.from_dict(values, str(directory / CONFIG_FILE))
+    # Shapes first: the config's sizes on the meta device against the weights file's header, so a small
+    # directory whose config declares a huge tower is refused before that tower costs any memory.
+    with torch.device("meta"):
+        expected = {name: tuple(tensor.shape) for name, tensor in AlignedImageEncoder(config).state_dict().items()}
     try:
-        state = load_file(directory / WEIGHTS_FILE)
+        with safe_open(directory / WEIGHTS_FILE, framework="pt") as weights:
+            stored = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
     except (OSError, SafetensorError) as error:
         raise InputError(f"{directory / WEIGHTS_FILE}: cannot read the weights ({error})") from None
-    model = AlignedImageEncoder(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    wrong = sorted(name for name in set(expected) & set(state) if expected[name].shape != state[name].shape)
-    if missing or wrong or set(state) - set(expected):
-        example = (missing or wrong or sorted(set(state) - set(expected)))[0]
+    missing = sorted(set(expected) - set(stored))
+    wrong = sorted(name for name in set(expected) & set(stored) if expected[name] != stored[name])
+    if missing or wrong or set(stored) - set(expected):
+        example = (missing or wrong or sorted(set(stored) - set(expected)))[0]
         raise InputError(f"{directory}: the weights do not match config.json (e.g. {example})")
-    model.load_state_dict(state)
+    model = AlignedImageEncoder(config)
+    model.load_state_dict(load_file(directory / WEIGHTS_FILE))
     return model.eval()

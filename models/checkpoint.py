@@ -2,6 +2,8 @@
 config stored in the checkpoint alone; every script loads models through it."""
 
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,21 @@ def check_state(model: ClipCaptionModel, state: Any, source: str) -> dict[str, t
     return state
 
 
+# A transformer LM's block index in its weight names: GPT-2's `transformer.h.N.`, most others' `layers.N.`.
+LM_LAYER_INDEX = re.compile(r"^gpt\..*?\.(?:h|layers?)\.(\d+)\.")
+
+
+def check_layer_count(config: CaptionerConfig, names: Iterable[str], source: str) -> None:
+    """An LM config declaring other than the blocks the weights hold is refused before the LM is built:
+    even on the meta device, a claim of 10^5 blocks would cost minutes and gigabytes."""
+    if not config.lm_in_checkpoint or not isinstance(config.lm_config, dict):
+        return
+    declared = config.lm_config.get("n_layer", config.lm_config.get("num_hidden_layers"))
+    stored = {int(match.group(1)) for name in names if (match := LM_LAYER_INDEX.match(name))}
+    if isinstance(declared, int) and stored and declared != len(stored):
+        raise InputError(f"{source}: the LM config declares {declared} blocks, the weights hold {len(stored)}")
+
+
 def load_state_into(model: ClipCaptionModel, state: Any, source: str) -> None:
     """Load weights in ClipCap's key layout (ours or theirs); the LM may be absent when frozen."""
     model.load_state_dict(check_state(model, state, source), strict=False)
@@ -180,6 +197,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     lm = None if config.lm_in_checkpoint and config.lm_config else load_lm(config.lm_name, config.cross_attention)
     # Shapes first, on the meta device: a small file whose config declares a large model must not
     # cost that model's memory before it is found out.
+    if isinstance(checkpoint["model"], dict):
+        check_layer_count(config, checkpoint["model"], str(path))
     check_state(meta_captioner(config, lm), checkpoint["model"], str(path))
     model = ClipCaptionModel(config, lm if lm is not None else lm_from_config(config.lm_config))
     if not config.lm_in_checkpoint:

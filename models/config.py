@@ -1,7 +1,7 @@
 """The captioner's configuration: one dataclass, saved as JSON beside every checkpoint and inside it."""
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, get_type_hints
 
 from data.errors import InputError
 
@@ -31,11 +31,19 @@ class CaptionerConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "CaptionerConfig":
-        """Build from a dict, naming `source` if keys are missing or unknown."""
+        """Build from a dict, naming `source` if keys are missing, unknown or of the wrong type (a config
+        comes from a file, which may be anyone's)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"{source}: unknown captioner config key(s): {', '.join(unknown)}")
         if "feature_dim" not in values:
             raise InputError(f"{source}: captioner config lacks 'feature_dim'")
+        types = get_type_hints(cls)
+        for name, value in values.items():
+            # bool is an int to isinstance: "true" or 1 must not pass for a flag, nor True for a size.
+            wrong_kind = isinstance(value, bool) != (types[name] is bool)
+            if wrong_kind or not isinstance(value, types[name]) or (types[name] is int and value < 1):
+                kind = getattr(types[name], "__name__", str(types[name]))  # "int", or "dict | None"
+                raise InputError(f"{source}: captioner config {name!r} is {value!r}, not a valid {kind}")
         return cls(**values)

@@ -25,7 +25,14 @@ from transformers.image_utils import PILImageResampling
 from data.atomic import write_json_atomic
 from data.errors import InputError, read_json_input
 from models.captioner import ClipCaptionModel
-from models.checkpoint import check_state, lm_from_config, load_checkpoint, load_state_into, meta_captioner
+from models.checkpoint import (
+    check_layer_count,
+    check_state,
+    lm_from_config,
+    load_checkpoint,
+    load_state_into,
+    meta_captioner,
+)
 from models.config import CaptionerConfig
 from models.encoders import encoder_from_spec, save_encoder
 
@@ -134,12 +141,20 @@ def read_export_config(directory: Path) -> CaptionerConfig:
     if not config.lm_in_checkpoint or not isinstance(config.lm_config, dict):
         raise InputError(f"{path}: an export holds its whole LM, but this config lacks lm_config or says it is absent")
     config.lm_name = str(directory.resolve())
-    if values.get("encoder_bundled"):
-        name = (config.encoder or {}).get("name")
-        inside = isinstance(name, str) and not os.path.isabs(name)
-        if not inside or not (directory / name).resolve().is_relative_to(directory.resolve()):
+    bundled = values.get("encoder_bundled")
+    if not isinstance(bundled, bool):
+        raise InputError(f"{path}: 'encoder_bundled' is {bundled!r}, not true or false")
+    name = (config.encoder or {}).get("name")
+    if config.encoder is not None and not isinstance(name, str):
+        raise InputError(f"{path}: the encoder's name is {name!r}, not a string")
+    if bundled:
+        inside = not os.path.isabs(name) and (directory / name).resolve().is_relative_to(directory.resolve())
+        if not inside:
             raise InputError(f"{path}: the bundled encoder's name {name!r} is not a path inside the directory")
         config.encoder = {**config.encoder, "name": str((directory / name).resolve())}
+    elif name is not None and (os.path.isabs(name) or ".." in Path(name).parts or Path(name).exists()):
+        # Not bundled means a hub id: an export must not point its user at another local directory.
+        raise InputError(f"{path}: the encoder {name!r} is neither bundled nor a hub id")
     return config
 
 
@@ -154,6 +169,7 @@ def load_export(directory: str | os.PathLike, map_location: str | torch.device =
             header = {name: torch.empty(handle.get_slice(name).get_shape(), device="meta") for name in handle.keys()}
     except (OSError, SafetensorError) as error:
         raise InputError(f"{weights}: cannot read the weights ({error})") from None
+    check_layer_count(config, header, str(weights))
     skeleton = meta_captioner(config)
     check_state(skeleton, header, str(weights))
     aliases = alias_names(skeleton)

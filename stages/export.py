@@ -14,6 +14,7 @@ from data.atomic import PathArgument, atomic_directory, check_output_directory
 from data.errors import InputError
 from models.captioner import ClipCaptionModel
 from models.checkpoint import captioner_tokenizer, first_line, load_checkpoint, read_checkpoint
+from models.config import CaptionerConfig
 from models.hf_export import (
     CONFIG_FILE,
     ENCODER_DIR,
@@ -64,6 +65,21 @@ def _score_rows(scores: Any) -> list[str]:
     ]
 
 
+def _design(config: CaptionerConfig) -> str:
+    """The model card's sentence on how the captioner sees an image."""
+    if config.cross_attention:
+        return (
+            "A cross-attention captioner: a frozen image encoder gives patch tokens of width "
+            f"{config.feature_dim}, a learned projection maps them to the language model's width, and the "
+            "language model, with a cross-attention layer in every block, attends to them while it writes the caption."
+        )
+    return (
+        "A prefix captioner in the line of ClipCap (Mokady et al., 2021): a frozen image encoder gives one "
+        f"{config.feature_dim}-d feature per image, a {config.mapping_type} mapper turns it into "
+        f"{config.prefix_length} embeddings of the language model, and the language model writes the caption."
+    )
+
+
 def model_card(model: ClipCaptionModel, training: dict[str, Any], checkpoint: Path) -> str:
     """README.md of an export: what the model is, how to caption with it, its training setup (from the
     checkpoint's config), and the scores the checkpoint stores, or that it stores none."""
@@ -71,7 +87,8 @@ def model_card(model: ClipCaptionModel, training: dict[str, Any], checkpoint: Pa
     encoder, source = config.encoder, bundled_encoder_source(config)
     lm_parameters = sum(parameter.numel() for parameter in model.gpt.parameters())
     mapper_parameters = sum(parameter.numel() for parameter in model.clip_project.parameters())
-    lm_state = "frozen (`--only_prefix`: only the mapper was trained)" if not config.lm_in_checkpoint else "fine-tuned"
+    trained = "the mapper and the cross-attention layers were" if config.cross_attention else "the mapper was"
+    lm_state = f"frozen (`--only_prefix`: only {trained} trained)" if not config.lm_in_checkpoint else "fine-tuned"
     if encoder:
         where = f"bundled in `{ENCODER_DIR}/{Path(source).name}`" if source else "loaded by its hub id"
         encoder_line = (
@@ -122,10 +139,7 @@ def model_card(model: ClipCaptionModel, training: dict[str, Any], checkpoint: Pa
         "",
         f"# Image captioner: {config.mapping_type} mapper + {lm.model_type}",
         "",
-        "A prefix captioner in the line of ClipCap (Mokady et al., 2021): a frozen image encoder gives one "
-        f"{config.feature_dim}-d feature per image, a {config.mapping_type} mapper turns it into "
-        f"{config.prefix_length} embeddings of the language model, and the language model writes the caption. "
-        f"Exported from `{checkpoint.name}` by clipcap-plus's `export.py`.",
+        _design(config) + f" Exported from `{checkpoint.name}` by clipcap-plus's `export.py`.",
         "",
         "## Caption with it",
         "",

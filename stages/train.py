@@ -408,7 +408,8 @@ class Trainer:
     def keep_best_loss(self, epoch: int, val_loss: float) -> None:
         """`{prefix}_best_loss.pt` when the validation loss is the lowest so far (every rank has the same loss)."""
         best = self.position.get("best_val_loss")  # absent from runs saved before it was kept
-        if best is not None and val_loss >= best:
+        # Written so that NaN (an overflowing validation pass) never counts as the best.
+        if not math.isfinite(val_loss) or (best is not None and val_loss >= best):
             return
         self.position["best_val_loss"] = val_loss
         if self.context.is_main:

@@ -123,21 +123,30 @@ def test_long_captions_are_dropped_and_counted_once(tmp_path, tiny_gpt2_dir, cap
     assert line == f"error: --data {only_long}: every caption is longer than --max_caption_chars 2000"
 
 
-def test_checkpoint_declaring_a_large_lm_is_refused_before_it_is_built(tmp_path, tiny_checkpoint, monkeypatch):
+@pytest.mark.parametrize(
+    ("declared", "message"),
+    [
+        ({"n_layer": 48, "n_embd": 4096, "n_head": 32}, "declares 48 blocks, the weights hold 2"),  # 9.6 B parameters
+        ({"n_embd": 4096, "n_head": 32}, r"wte.weight has shape \(\d+, 64\), the config expects \(\d+, 4096\)"),  # wider
+    ],
+)
+def test_checkpoint_declaring_a_large_lm_is_refused_before_it_is_built(
+    tmp_path, tiny_checkpoint, monkeypatch, declared, message
+):
     path, _ = tiny_checkpoint
     checkpoint = torch.load(path, weights_only=True)
-    checkpoint["config"]["lm_config"].update(n_layer=48, n_embd=4096, n_head=32)  # 9.6 B parameters
+    checkpoint["config"]["lm_config"].update(declared)
     bloated = tmp_path / "bloated.pt"
     torch.save(checkpoint, bloated)
     original = checkpoint_module.lm_from_config
 
     def on_meta_only(lm_config):
-        # Only shapes may be built (on the meta device), never the declared model's 38 GB.
+        # Only shapes may be built (on the meta device), never the declared model's gigabytes.
         assert torch.get_default_device().type == "meta", "the declared LM was built for real"
         return original(lm_config)
 
     monkeypatch.setattr(checkpoint_module, "lm_from_config", on_meta_only)
-    with pytest.raises(InputError, match="weights do not match the model config"):
+    with pytest.raises(InputError, match=message):
         load_checkpoint(bloated)
 
 

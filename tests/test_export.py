@@ -338,6 +338,46 @@ def test_damaged_exports_are_one_line(tmp_path, checkpoint):
         load_captioner(tmp_path)  # a directory without config.json
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"feature_dim": "16"}, "'feature_dim' is '16', not a valid int"),
+        ({"lm_in_checkpoint": "false"}, "'lm_in_checkpoint' is 'false', not a valid bool"),
+        ({"encoder": [1, 2]}, "'encoder' is \\[1, 2\\], not a valid dict | None"),
+        ({"encoder_bundled": "no"}, "'encoder_bundled' is 'no', not true or false"),
+        ({"encoder_bundled": False, "encoder": {"name": "/etc"}}, "neither bundled nor a hub id"),
+        ({"encoder_bundled": False, "encoder": {"name": "encoder/../../x"}}, "neither bundled nor a hub id"),
+        ({"encoder_bundled": True, "encoder": {"name": "encoder/../../x"}}, "not a path inside the directory"),
+    ],
+)
+def test_an_untrusted_export_config_is_one_line(tmp_path, checkpoint, change, message):
+    out_dir = tmp_path / "export"
+    export.main(export.parse_args([str(checkpoint), str(out_dir)]))
+    config = json.loads((out_dir / "config.json").read_text())
+    (out_dir / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(InputError, match=message):
+        load_captioner(out_dir)
+
+
+def test_a_config_declaring_more_lm_blocks_than_stored_is_refused_before_building(tmp_path, checkpoint, monkeypatch):
+    """10^5 declared blocks would take minutes and gigabytes even on the meta device: the names tell first."""
+    out_dir = tmp_path / "export"
+    export.main(export.parse_args([str(checkpoint), str(out_dir)]))
+    config = json.loads((out_dir / "config.json").read_text())
+    config["lm_config"]["n_layer"] = 100_000
+    (out_dir / "config.json").write_text(json.dumps(config))
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["config"]["lm_config"]["n_layer"] = 100_000
+    torch.save(saved, tmp_path / "claims.pt")
+    built = []
+    monkeypatch.setattr("models.checkpoint.lm_from_config", lambda *args: built.append(1))
+    monkeypatch.setattr("models.hf_export.meta_captioner", lambda *args: built.append(1))
+    for source in (out_dir, tmp_path / "claims.pt"):
+        with pytest.raises(InputError, match="declares 100000 blocks, the weights hold 2"):
+            load_captioner(source)
+    assert not built
+
+
 def aligned_encoder_dir(directory: Path) -> Path:
     """A train_clip.py-style encoder directory: a tiny CNN and its projection head, random weights."""
     torch.manual_seed(0)

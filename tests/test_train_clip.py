@@ -322,3 +322,33 @@ def test_every_tower_saves_and_loads_as_an_aligned_encoder(tmp_path, tower, tiny
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixels), model(pixels))
     assert not any(parameter.requires_grad for parameter in encoder.parameters())  # frozen, as every encoder
+
+
+def test_a_config_declaring_a_huge_head_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    """A small encoder directory whose config.json claims a 20,000-wide head (1.6 GB of weights) is refused
+    from the weights file's header: the head is only ever built on the meta device."""
+    import json as json_module
+
+    from models import aligned
+    from models.aligned import AlignedConfig, AlignedImageEncoder, save_aligned_encoder
+
+    torch.manual_seed(0)
+    values = {
+        "tower": "tiny_cnn", "tower_config": {"channels": [8], "stem": 4}, "tower_dim": 8, "projection_hidden": 16,
+        "feature_dim": 8, "resize_dim": 32, "crop_dim": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
+    }  # fmt: skip
+    save_aligned_encoder(tmp_path / "encoder", AlignedImageEncoder(AlignedConfig.from_dict(values, "test")))
+    config_file = tmp_path / "encoder" / "config.json"
+    config_file.write_text(json_module.dumps({**json_module.loads(config_file.read_text()), "projection_hidden": 20_000}))
+    head_devices = []
+    original_head = aligned.projection_head
+
+    def recording_head(*sizes):
+        head = original_head(*sizes)
+        head_devices.append(next(head.parameters()).device.type)
+        return head
+
+    monkeypatch.setattr(aligned, "projection_head", recording_head)
+    with pytest.raises(InputError, match="the weights do not match config.json"):
+        load_encoder(str(tmp_path / "encoder"))
+    assert head_devices == ["meta"]

@@ -189,6 +189,18 @@ def test_best_loss_model_survives_resume_and_overwrite(tmp_path, tiny_gpt2_dir, 
     assert not (out_dir / "coco_prefix_best_loss.pt").exists()
 
 
+def test_a_nan_validation_loss_never_becomes_the_best(tmp_path, tiny_gpt2_dir, monkeypatch):
+    data = write_features(tmp_path / "train.pkl", [CAPTIONS[:4]])  # 1 step an epoch
+    val_data = write_features(tmp_path / "val.pkl", [CAPTIONS[4:]])
+    scripted = {0: 2.0, 1: float("nan"), 2: 3.0}  # an overflowing validation pass in epoch 1
+    monkeypatch.setattr(Trainer, "validation_loss", lambda self: scripted[self.position["epoch"] - 1])
+    out_dir = tmp_path / "run"
+    args = train_args(data, out_dir, tiny_gpt2_dir, "--epochs", "3", "--only_prefix", "--val_data", str(val_data))
+    train.main(train.parse_args(args))
+    best_loss = torch.load(out_dir / "coco_prefix_best_loss.pt", weights_only=True)
+    assert (best_loss["epoch"], best_loss["scores"]) == (0, {"val_loss": 2.0})
+
+
 def test_only_prefix_keeps_the_lm_untouched_and_out_of_checkpoints(tmp_path, tiny_gpt2_dir):
     # ClipCap's own feature-file layout: a plain pickle of tensors, no meta.
     data = tmp_path / "clipcap_style.pkl"

@@ -209,3 +209,5 @@ def test_an_exported_xattn_model_captions_as_its_checkpoint(trained, tmp_path):
         )
     assert json.loads(outputs["pt"].read_text()) == json.loads(outputs["dir"].read_text())
     assert load_captioner(exported).config.cross_attention
+    card = (exported / "README.md").read_text()
+    assert "A cross-attention captioner" in card and "prefix captioner" not in card
