@@ -107,15 +107,29 @@ def check_output_directory(
             )
 
 
+def _tidy_after_a_killed_replacement(path: Path) -> None:
+    """What a killed atomic_directory left beside `path`: the directory it had moved aside comes back if
+    `path` is missing (the kill came between its two renames); the rest, half-written or old, goes."""
+    pattern = os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*")
+    moved_aside = sorted((Path(name) for name in glob.glob(f"{pattern}.old")), key=lambda old: old.stat().st_mtime)
+    if moved_aside and not os.path.lexists(path):
+        os.replace(moved_aside.pop(), path)
+    for leftover in [*moved_aside, *(Path(name) for name in glob.glob(f"{pattern}.tmp"))]:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a new empty directory beside `path` to fill; on success it takes `path`'s place by rename (an
     existing directory there is moved aside first, then deleted), on failure it is deleted and `path` is
-    unchanged. An OS error (full disk, no permission) is one InputError line."""
+    unchanged. What a killed earlier run left beside `path` is tidied first. An OS error (full disk, no
+    permission) is one InputError line."""
     path = Path(path)
     temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _tidy_after_a_killed_replacement(path)
         temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
         yield temporary
         os.chmod(temporary, 0o777 & ~_UMASK)  # mkdtemp makes 0700; outputs follow the umask as mkdir would

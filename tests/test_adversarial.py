@@ -19,7 +19,7 @@ import parse_coco_dino
 import predict
 import train
 from data.annotations import read_annotations
-from data.atomic import atomic_write, write_json_atomic
+from data.atomic import atomic_directory, atomic_write, write_json_atomic
 from data.errors import InputError, exit_on_input_error, read_json_input
 from data.features import FeatureFile, read_feature_file, write_feature_file
 from data.images import IMAGE_CONVERSION
@@ -445,3 +445,23 @@ def test_an_interrupted_write_leaves_no_temporary_and_overwrite_removes_stale_on
     argv += ["--bs", "4", "--prefix_length", "2", "--cache_dir", tmp_path / "cache", "--overwrite"]
     assert run_script("train", argv, capsys)[0] == 0
     assert not any(path.exists() for path in stale) and kept.exists()
+
+
+def test_a_directory_replacement_killed_midway_is_tidied_or_undone_by_the_next(tmp_path):
+    target = tmp_path / "export"
+    # A kill while filling the temporary, and one between moving the old directory aside and renaming the
+    # new one in: the target is gone, its content only in the `.old` sibling.
+    (tmp_path / ".export.abc123.tmp").mkdir()
+    (tmp_path / ".export.abc123.tmp" / "half.bin").write_bytes(b"half")
+    aside = tmp_path / ".export.def456.old"
+    aside.mkdir()
+    (aside / "config.json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target):
+            raise RuntimeError("this run fails too")
+    assert (target / "config.json").read_text() == "{}"  # the moved-aside directory is back
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]  # and the half-written one is gone
+    with atomic_directory(target) as new:
+        (new / "config.json").write_text('{"new": true}')
+    assert json.loads((target / "config.json").read_text()) == {"new": True}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]
