@@ -74,6 +74,7 @@ class WandbTracker(Tracker):
         self.wandb, self.project, self.run_name, self.out_dir = wandb, project, run_name, out_dir
         self.run = None
         self.images: dict[ImageId, Path] | None = None  # the validation images' files, found once
+        self.references: dict[ImageId, list[str]] = {}  # and their references, read once
 
     @contextmanager
     def session(self, config: dict[str, Any], position: dict[str, Any]) -> Iterator[None]:
@@ -109,11 +110,11 @@ class WandbTracker(Tracker):
     def log_captions(self, predictions: dict[ImageId, str], features: FeatureFile, step: int) -> None:
         if self.images is None:
             self.images = self._find_images(features)
-        references = references_from_features(features)
+            self.references = references_from_features(features)
         columns = ["image_id", "caption", "references"] + (["image"] if self.images else [])
         table = self.wandb.Table(columns=columns)
         for image_id, caption in list(predictions.items())[:CAPTION_ROWS]:
-            row = [str(image_id), caption, "\n".join(references[image_id])]  # str: ids may mix ints and strings
+            row = [str(image_id), caption, "\n".join(self.references[image_id])]  # str: ids may mix ints and strings
             if self.images:
                 row.append(self._image(self.images.get(image_id)))
             table.add_data(*row)

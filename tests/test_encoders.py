@@ -99,19 +99,25 @@ def test_clip_features_are_the_projected_final_norm_cls_token(encoders, tiny_cli
     }
 
 
-def test_full_clip_checkpoint_loads_its_vision_tower(tmp_path):
-    """Hub CLIP ids are whole CLIPModel checkpoints; the vision tower and projection load from them."""
+def save_whole_clip(directory, vision_width: int) -> CLIPModel:
+    """A whole CLIPModel (both towers, projection 24), as hub CLIP ids are, saved to `directory`; seeded."""
     torch.manual_seed(0)
     vision = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        "hidden_size": vision_width,
+        "intermediate_size": 2 * vision_width,
         "num_hidden_layers": 1,
         "num_attention_heads": 2,
         "patch_size": 32,
     }
     text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
     clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=24)).eval()
-    clip.save_pretrained(tmp_path)
+    clip.save_pretrained(directory)
+    return clip
+
+
+def test_full_clip_checkpoint_loads_its_vision_tower(tmp_path):
+    """Hub CLIP ids are whole CLIPModel checkpoints; the vision tower and projection load from them."""
+    clip = save_whole_clip(tmp_path, vision_width=64)
     encoder, preprocess = load_encoder(str(tmp_path))
     pixels = preprocess(noise_image(80, 60))[None]
     with torch.inference_mode():

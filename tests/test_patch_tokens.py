@@ -14,8 +14,6 @@ import pytest
 import torch
 from transformers import (
     AutoModel,
-    CLIPConfig,
-    CLIPModel,
     CLIPVisionModelWithProjection,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
@@ -35,6 +33,7 @@ from models.checkpoint import load_tokenizer
 from models.encoders import encoder_from_spec, load_encoder
 from models.tiny import save_tiny_dinov2
 from stages.extract import iter_encoded_batches
+from tests.test_encoders import save_whole_clip
 from tests.test_extraction import write_image
 
 KINDS = ("rgb", "gray", "rgba_png", "rgb")  # image i is images/img{i}.jpg
@@ -103,17 +102,7 @@ def test_clip_patch_tokens_are_the_vision_towers_last_hidden_states(images, tiny
 
 def test_a_whole_clip_checkpoint_gives_its_vision_towers_tokens(tmp_path):
     """Hub CLIP ids are whole CLIPModel checkpoints: the tokens are its vision model's, at the tower's width."""
-    torch.manual_seed(0)
-    vision = {
-        "hidden_size": 48,
-        "intermediate_size": 96,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "patch_size": 32,
-    }
-    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=24)).eval()
-    clip.save_pretrained(tmp_path)
+    clip = save_whole_clip(tmp_path, vision_width=48)
     encoder, _ = load_encoder(str(tmp_path), feature_type="patch_tokens")
     assert (encoder.spec.feature_type, encoder.spec.feature_dim, encoder.row_shape) == (
         "patch_tokens",
