@@ -1,4 +1,5 @@
-"""Every GPU check in one call, for a lent CUDA machine: the GPU tests, then extraction, training,
+"""Every GPU check in one call, for a lent CUDA machine: first the user's path through the real scripts
+(extraction, one epoch of training, captioning, evaluation), then the GPU tests, then extraction, training,
 decoding, alignment and cross-attention benchmarks (real-size models, random weights, ClipCap's procedures beside ours), each a
 section run as its own process with a time limit.
 
@@ -19,6 +20,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as `python bench/gpu_check.py`
+
+from bench.bench_pipeline import why_evaluation_cannot_run  # noqa: E402
+
 # The tests that need CUDA (they skip elsewhere); test files whose imports need pycocoevalcap are left
 # out when it is missing (the GPU machine has torch and transformers only).
 GPU_TESTS = ["tests/test_extraction.py", "tests/test_training.py", "tests/test_decoding.py", "tests/test_evaluate.py"]
@@ -26,8 +31,8 @@ GPU_TESTS = ["tests/test_extraction.py", "tests/test_training.py", "tests/test_d
 
 # Seconds each section may take: the full run stays within 7 minutes, --quick within 2.5.
 LIMITS = {
-    False: {"tests": 90, "extraction": 60, "training": 60, "decoding": 30, "alignment": 30, "xattn": 40},
-    True: {"tests": 45, "extraction": 15, "training": 15, "decoding": 10, "alignment": 10, "xattn": 20},
+    False: {"pipeline": 100, "tests": 75, "extraction": 45, "training": 45, "decoding": 25, "alignment": 25, "xattn": 35},
+    True: {"pipeline": 45, "tests": 35, "extraction": 10, "training": 10, "decoding": 8, "alignment": 8, "xattn": 16},
 }
 
 
@@ -39,6 +44,12 @@ def sections(quick: bool) -> list[tuple[str, list[str], int]]:
     steps = "5" if quick else "20"
     decode_images = "256" if quick else "1024"
     return [
+        (
+            "user path: parse_coco_clip.py, train.py (1 epoch), predict.py, evaluate.py; ViT-B/32 + GPT-2 124M, bf16",
+            [python, "bench/bench_pipeline.py", "--device", "cuda", "--precision", "bf16",
+             "--num_images", "80" if quick else "320", "--num_workers", str(min(8, os.cpu_count() or 1))],
+            limit["pipeline"],
+        ),  # fmt: skip
         ("tests", [python, "-m", "pytest", "-q", "-m", "gpu", *available_test_files()], limit["tests"]),
         (
             "extraction ViT-B/32 and DINOv2-B/14, bf16",
@@ -77,9 +88,7 @@ def sections(quick: bool) -> list[tuple[str, list[str], int]]:
 
 
 def available_test_files() -> list[str]:
-    try:
-        import pycocoevalcap  # noqa: F401
-    except ImportError:
+    if why_evaluation_cannot_run():
         return [path for path in GPU_TESTS if path != "tests/test_evaluate.py"]
     return GPU_TESTS
 

@@ -151,13 +151,15 @@ def save_tiny_gpt2(
     num_layers: int = 2,
     num_heads: int = 4,
     max_positions: int = 128,
+    model_vocab_size: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """A small GPT-2 and a tokenizer trained on `texts`, saved together as `gpt2` is on the hub."""
+    """A small GPT-2 and a tokenizer trained on `texts`, saved together as `gpt2` is on the hub.
+    `model_vocab_size` (default: the tokenizer's) widens the embedding and head, e.g. to GPT-2's 50257."""
     tokenizer = train_tokenizer(texts, vocab_size)
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), model_vocab_size or 0),
         n_positions=max_positions,
         n_embd=hidden_size,
         n_layer=num_layers,
