@@ -11,9 +11,10 @@ import argparse
 import os
 
 from data.errors import exit_on_input_error
+from data.options import add_options
 from models.device import DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from stages.align_sides import LOCAL_TOWERS
-from stages.tracking import add_tracking_arguments
+from stages.tracking import TRACKING_GROUP, TrackingOptions
 from stages.train_clip import SCHEDULES, run_alignment
 
 
@@ -110,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("auto", *PRECISIONS),
         help=PRECISION_HELP,
     )
-    add_tracking_arguments(parser)
+    add_options(parser, TrackingOptions, TRACKING_GROUP)
     return parser.parse_args(argv)
 
 

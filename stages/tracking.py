@@ -6,10 +6,10 @@ The training loops call a Tracker through a few hooks (the step log's records, `
 --wandb is given. A resumed run continues the same W&B run: its id rides in the run's `position`, saved in
 `_latest.pt`. WANDB_MODE=offline writes the run under --out_dir/wandb/ for a later `wandb sync`."""
 
-import argparse
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,6 +18,7 @@ from data.annotations import image_files, inside_images_dir
 from data.errors import InputError
 from data.features import FeatureFile
 from data.images import ImageReadError, load_rgb
+from data.options import option
 from data.references import ImageId, references_from_features
 from models.checkpoint import first_line
 
@@ -27,17 +28,21 @@ CAPTION_ROWS = 32  # validation images per captions table: the same first ones e
 THUMBNAIL_SIDE = 256  # a caption is judged at a glance; full-size images would make each table megabytes
 
 
-def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
+@dataclass(kw_only=True)
+class TrackingOptions:
     """--wandb, --wandb_project and --wandb_run_name (train.py and train_clip.py)."""
-    group = parser.add_argument_group("experiment tracking (Weights & Biases)")
-    group.add_argument(
-        "--wandb",
-        action="store_true",
-        help="log losses, learning rate, throughput, validation figures and the final model to W&B "
+
+    wandb: bool = option(
+        False,
+        "log losses, learning rate, throughput, validation figures and the final model to W&B "
         "(needs `pip install wandb`; WANDB_MODE=offline writes the run under --out_dir/wandb/)",
+        group="tracking",
     )
-    group.add_argument("--wandb_project", default=DEFAULT_PROJECT, help="W&B project (default: %(default)s)")
-    group.add_argument("--wandb_run_name", default=None, help="W&B run name (default: one W&B makes up)")
+    wandb_project: str = option(DEFAULT_PROJECT, "W&B project", group="tracking")
+    wandb_run_name: str | None = option(None, "W&B run name", shown_default="one W&B makes up", group="tracking")
+
+
+TRACKING_GROUP = {"tracking": "experiment tracking (Weights & Biases)"}
 
 
 def import_wandb() -> ModuleType:

@@ -18,6 +18,7 @@ from transformers import get_linear_schedule_with_warmup
 from data.captions import CaptionBatch, CaptionCollator, CaptionDataset, build_caption_dataset, drop_long_captions
 from data.errors import InputError
 from data.features import FeatureFile, check_same_encoder
+from data.options import check_ranges
 from data.store import read_features
 from models.captioner import ClipCaptionModel
 from models.checkpoint import build_captioner, load_state_into, load_tokenizer, save_checkpoint, save_config_json
@@ -33,7 +34,7 @@ from stages.distributed import (
 )
 from stages.export import check_training_export, export_trained
 from stages.tracking import make_tracker
-from stages.train_options import TrainingOptions, captioner_config, check_option_values
+from stages.train_options import TrainingOptions, captioner_config
 from stages.train_state import (
     TRAJECTORY_OPTIONS,
     RunFiles,
@@ -453,7 +454,7 @@ class Trainer:
 def run_training(options: TrainingOptions, trainer_class: type[Trainer] = Trainer) -> ClipCaptionModel:
     """Train as `options` say (joining torchrun's process group when launched by it), export the final
     checkpoint with --export_hf (rank 0); returns the model."""
-    check_option_values(options)  # before anything is created, the run's lock file included
+    check_ranges(options)  # before anything is created, the run's lock file included
     check_training_export(options)
     context, device = init_distributed(options.device)
     try:

@@ -1,101 +1,199 @@
 """train.py's options, and the model config they make together with the feature file."""
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import InputError
 from data.features import FeatureFile
+from data.options import UsageRule, option
 from models.config import CaptionerConfig
+from models.device import DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from models.encoders import DINOV2_MODELS
-from stages.tracking import DEFAULT_PROJECT
+from models.mappers import MAPPERS
+from stages.rewards import BASELINES, REWARDS
+from stages.tracking import TRACKING_GROUP, TrackingOptions
 
-
-@dataclass
-class TrainingOptions:
-    """train.py's flags (their defaults live in train.py's parser)."""
-
-    data: str
-    out_dir: str
-    prefix: str
-    epochs: int
-    save_every: int
-    save_latest_every: int
-    prefix_length: int
-    prefix_length_clip: int
-    batch_size: int
-    only_prefix: bool
-    mapping_type: str
-    num_layers: int
-    normalize_prefix: bool
-    use_dino: bool
-    dino_model_type: str | None
-    dino_feature_dim: int | None
-    gpt2: str
-    lr: float
-    warmup_steps: int
-    weight_decay: float
-    max_grad_norm: float
-    val_data: str | None
-    eval_every: int
-    precision: str
-    device: str
-    num_workers: int
-    seed: int
-    resume: str | None
-    overwrite: bool
-    cache_dir: str | None
-    max_caption_chars: int
-    # --scst (stages/scst.py); defaults as train.py's parser
-    scst: bool = False
-    init_from: str | None = None
-    reward: str = "cider"
-    baseline: str = "mean"
-    scst_samples: int = 5
-    max_length: int = 20
-    clip_model: str | None = None
-    clip_features: str | None = None
-    clip_weight: float = 1.0
-    # --export_hf (stages/export.py)
-    export_hf: str | None = None
-    push_to_hub: str | None = None
-    # --wandb (stages/tracking.py)
-    wandb: bool = False
-    wandb_project: str = DEFAULT_PROJECT
-    wandb_run_name: str | None = None
-
-
-# Flags that must be at least this; checked before anything is read or written.
-MINIMUMS = {
-    "epochs": 1,
-    "save_every": 1,
-    "save_latest_every": 1,
-    "prefix_length": 1,
-    "prefix_length_clip": 1,
-    "batch_size": 1,
-    "num_layers": 1,
-    "warmup_steps": 0,
-    "weight_decay": 0,
-    "max_grad_norm": 0,
-    "eval_every": 0,
-    "num_workers": 0,
-    "max_caption_chars": 1,
-    "scst_samples": 1,
-    "max_length": 1,
+GROUPS = {
+    "clipcap": "ClipCap's flags",
+    "ours": "this repo's flags",
+    "scst": "SCST: self-critical fine-tuning of a train.py checkpoint (Stage 2b)",
+    **TRACKING_GROUP,
 }
-FLAG_NAMES = {"batch_size": "bs"}  # where the flag's name is not the option's
+# Flags given where they do not apply are usage errors. "model": under --scst the --init_from checkpoint's
+# config decides the model; "scst": SCST's own; "prefix_mapper": the prefix mappers' (xattn has none).
+USAGE_RULES = (
+    UsageRule("model", lambda options: options.scst, "--scst takes the model from --init_from's config; do not give {flags}"),
+    UsageRule("scst", lambda options: not options.scst, "{flags}: only with --scst"),
+    UsageRule("prefix_mapper", lambda options: options.mapping_type == "xattn", "{flags}: --mapping_type xattn has no prefix mapper"),
+)  # fmt: skip
 
 
-def check_option_values(options: TrainingOptions) -> None:
-    """Numeric flags in range (one InputError line), before anything is read, built or deleted."""
-    for name, minimum in MINIMUMS.items():
-        value = getattr(options, name)
-        if isinstance(value, float) and not math.isfinite(value):  # NaN would pass `value < minimum`
-            raise InputError(f"--{FLAG_NAMES.get(name, name)} {value}: must be a finite number")
-        if value < minimum:
-            raise InputError(f"--{FLAG_NAMES.get(name, name)} {value}: must be at least {minimum}")
-    if not 0 < options.lr < math.inf:
-        raise InputError(f"--lr {options.lr}: must be positive and finite")
+@dataclass(kw_only=True)
+class TrainingOptions(TrackingOptions):
+    """train.py's flags, ClipCap's names first: each one's default, help, range and usage, defined once."""
+
+    data: str = option(
+        help="training features (from parse_coco_clip.py / parse_coco_dino.py): a .pkl (ClipCap's too) or a store "
+        "directory",
+        group="clipcap",
+    )
+    out_dir: str = option("./checkpoints", "directory for checkpoints, config JSON and the loss log", group="clipcap")
+    prefix: str = option("coco_prefix", "file-name prefix of this run's outputs", group="clipcap")
+    epochs: int = option(10, "passes over the training captions", minimum=1, group="clipcap")
+    save_every: int = option(
+        1, "save {prefix}-{epoch:03d}.pt every N epochs (the last is always saved)", minimum=1, group="clipcap"
+    )
+    prefix_length: int = option(
+        10, "P: LM embeddings the mapper produces", minimum=1, group="clipcap", usage=("model", "prefix_mapper")
+    )
+    prefix_length_clip: int = option(
+        10,
+        "transformer mapper: tokens the image feature becomes",
+        minimum=1,
+        group="clipcap",
+        usage=("model", "prefix_mapper"),
+    )
+    batch_size: int = option(
+        40,
+        "captions per batch (per process under torchrun); images per batch under --scst",
+        flag="bs",
+        minimum=1,
+        group="clipcap",
+    )
+    only_prefix: bool = option(
+        False,
+        "train the mapper only (xattn: and the new cross-attention layers); the LM stays frozen and out of "
+        "checkpoints",
+        group="clipcap",
+        usage=("model",),
+    )
+    mapping_type: str = option(
+        "mlp",
+        "mapper architecture; xattn: GPT-2 gains cross-attention layers over a projection of patch-token features "
+        "(--feature_type patch_tokens at extraction), with no prefix",
+        choices=sorted(MAPPERS),
+        group="clipcap",
+        usage=("model",),
+    )
+    num_layers: int = option(
+        8, "transformer mapper depth", minimum=1, group="clipcap", usage=("model", "prefix_mapper")
+    )
+    normalize_prefix: bool = option(
+        False, "L2-normalize image features before the mapper", group="clipcap", usage=("model",)
+    )
+    use_dino: bool = option(
+        False,
+        "the features are DINOv2's (checked against the file's meta when it has one)",
+        group="clipcap",
+        usage=("model",),
+    )
+    dino_model_type: str | None = option(
+        None,
+        "DINOv2 model the features came from (checked against the file's meta; the encoder is recorded from the "
+        "meta)",
+        group="clipcap",
+        usage=("model",),
+    )
+    dino_feature_dim: int | None = option(
+        None,
+        "expected feature width, checked against the file (the width always comes from the file)",
+        group="clipcap",
+        usage=("model",),
+    )
+    gpt2: str = option(
+        "gpt2",
+        "causal LM: transformers id (gpt2, gpt2-medium, distilgpt2) or local directory",
+        group="ours",
+        usage=("model",),
+    )
+    lr: float = option(2e-5, "peak AdamW learning rate", positive=True, group="ours")
+    warmup_steps: int | None = option(
+        None,
+        "warmup steps of the learning rate: linear, then linear decay to 0 (cross-entropy); under --scst a "
+        "constant rate after them",
+        minimum=0,
+        shown_default="5000 for cross-entropy, as ClipCap; 0 under --scst",
+        group="ours",
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay (ClipCap: 0)", minimum=0, group="ours")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", minimum=0, group="ours")
+    val_data: str | None = option(
+        None,
+        "validation features (.pkl or store directory): loss per caption token after each epoch, and "
+        "{prefix}_best_loss.pt, the model of the lowest",
+        group="ours",
+    )
+    eval_every: int = option(
+        0,
+        "every N epochs (and the last), greedy-decode --val_data, log CIDEr and BLEU-4, keep {prefix}_best.pt "
+        "(0: off)",
+        minimum=0,
+        group="ours",
+    )
+    precision: str = option("auto", PRECISION_HELP, choices=["auto", *PRECISIONS], group="ours")
+    device: str = option("auto", DEVICE_HELP, group="ours")
+    num_workers: int = option(0, "DataLoader worker processes", minimum=0, group="ours")
+    seed: int = option(0, "seed of the mapper's initial weights, the data order and dropout", group="ours")
+    save_latest_every: int = option(
+        10_000, "save {prefix}_latest.pt every N steps (and after every epoch)", minimum=1, group="ours"
+    )
+    resume: str | None = option(
+        None, "continue from a {prefix}_latest.pt, or the directory holding it", metavar="PATH_OR_DIR", group="ours"
+    )
+    overwrite: bool = option(
+        False,
+        "start over even if --out_dir holds a run with this --prefix (its files are deleted)",
+        group="ours",
+    )
+    cache_dir: str | None = option(
+        None,
+        "where tokenized captions are cached",
+        shown_default="$CLIPCAP_PLUS_CACHE_DIR or ~/.cache/clipcap-plus",
+        group="ours",
+    )
+    max_caption_chars: int = option(
+        2000,
+        "captions longer than this many characters are dropped (and counted) before tokenizing",
+        minimum=1,
+        group="ours",
+    )
+    export_hf: str | None = option(
+        None,
+        "after training, export the final epoch's checkpoint to this directory as export.py does (checked at "
+        "start: a new directory, or an earlier export with --overwrite)",
+        metavar="OUT_DIR",
+        group="ours",
+    )
+    push_to_hub: str | None = option(
+        None, "with --export_hf: then upload the export to this hub model repository", metavar="REPO_ID", group="ours"
+    )
+    scst: bool = option(False, "fine-tune --init_from by SCST instead of cross-entropy", group="scst")
+    init_from: str | None = option(
+        None,
+        "the train.py checkpoint (or export.py directory) to start from: its config decides the model",
+        group="scst",
+        usage=("scst",),
+    )
+    reward: str = option("cider", "cider (CIDEr-D), clip (CLIP-S) or their sum", choices=REWARDS, group="scst", usage=("scst",))
+    baseline: str = option(
+        "mean",
+        "mean of the image's other samples, or its greedy caption's",
+        choices=BASELINES,
+        group="scst",
+        usage=("scst",),
+    )
+    scst_samples: int = option(5, "captions sampled per image", minimum=1, group="scst", usage=("scst",))
+    max_length: int = option(20, "most tokens a sampled caption has", minimum=1, group="scst", usage=("scst",))
+    clip_model: str | None = option(
+        None, "CLIP name, id or directory with both towers (clip rewards)", group="scst", usage=("scst",)
+    )
+    clip_features: str | None = option(
+        None,
+        "parse_coco_clip.py features of --clip_model over --data's images, when --data holds other features",
+        group="scst",
+        usage=("scst",),
+    )
+    clip_weight: float = option(1.0, "weight of CLIP-S in --reward cider+clip", group="scst", usage=("scst",))
 
 
 def captioner_config(options: TrainingOptions, features: FeatureFile) -> CaptionerConfig:
