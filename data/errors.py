@@ -1,4 +1,5 @@
-"""One exception for bad input, shown to the user as a single line, and a JSON reader that raises it."""
+"""One exception for bad input, shown to the user as a single line (and `first_line`, which makes one of
+another exception), and a JSON reader that raises it."""
 
 import errno
 import json
@@ -11,6 +12,12 @@ from typing import Any
 
 class InputError(Exception):
     """Bad input (a file, a flag, a model name): printed as one line, never a traceback."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first non-empty line, else its type (a zero-byte file gives EOFError(''))."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 # OS errors that say where an output goes is full or closed, not that the code is wrong.

@@ -19,7 +19,7 @@ from transformers import (
 from transformers.utils import logging as transformers_logging
 
 from data.atomic import torch_save_atomic, write_json_atomic
-from data.errors import InputError
+from data.errors import InputError, first_line
 from models.captioner import ClipCaptionModel, is_cross_attention_weight
 from models.config import CaptionerConfig
 
@@ -28,12 +28,6 @@ LEGACY_LM_BUFFERS = (".attn.bias", ".attn.masked_bias")
 # A tokenizer with fewer tokens than this did not load its vocabulary (transformers 5 builds a
 # vocabulary of 1 from missing files): every caption would become EOS alone and the loss 0.
 MIN_VOCABULARY = 32
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's first non-empty line, else its type (a zero-byte file gives EOFError(''))."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def load_lm(name: str, cross_attention: bool = False) -> PreTrainedModel:

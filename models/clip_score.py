@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from data.errors import InputError
+from data.errors import InputError, first_line
 from data.features import FeatureFile
 from models.encoders import CLIP_MODELS
 
@@ -38,7 +38,7 @@ class ClipScorer:
         try:
             config = AutoConfig.from_pretrained(model_id)
         except (OSError, ValueError) as error:
-            raise InputError(f"cannot load CLIP model {name!r}: {_first_line(error)}") from None
+            raise InputError(f"cannot load CLIP model {name!r}: {first_line(error)}") from None
         if config.model_type != "clip":
             raise InputError(
                 f"CLIP model {name!r} is a {config.model_type!r} model; {purpose} needs a whole CLIP model with a text tower"
@@ -49,7 +49,7 @@ class ClipScorer:
             model, info = CLIPModel.from_pretrained(model_id, output_loading_info=True)
             self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_id)
         except (OSError, ValueError, RuntimeError) as error:
-            raise InputError(f"cannot load CLIP model {name!r}: {_first_line(error)}") from None
+            raise InputError(f"cannot load CLIP model {name!r}: {first_line(error)}") from None
         finally:
             transformers_logging.set_verbosity(verbosity)
         if info["missing_keys"]:
@@ -111,7 +111,3 @@ def holds_image_embeds_of(features: FeatureFile, clip_name: str) -> bool:
     return (
         isinstance(encoder, dict) and encoder.get("name") == clip_name and encoder.get("feature_type") == "image_embeds"
     )
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModel, CLIPVisionModelWithProjection, P
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.utils import logging as transformers_logging
 
-from data.errors import InputError
+from data.errors import InputError, first_line
 from models.aligned import AlignedImageEncoder, is_aligned_dir, load_aligned_encoder, save_aligned_encoder
 
 Preprocess = Callable[[Any], torch.Tensor]  # PIL.Image (RGB) -> (3, crop, crop) float32
@@ -145,9 +145,6 @@ def build_preprocess(resize_dim: int, crop_dim: int, mean: list[float], std: lis
     )
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
 
 def _resolve_name(name: str, family: str | None) -> tuple[str, str | None]:
     """A short name becomes its transformers id and family; anything else passes through."""
@@ -167,11 +164,11 @@ def _resolve_name(name: str, family: str | None) -> tuple[str, str | None]:
 def _cannot_load(name: str, model_id: str, error: Exception) -> InputError:
     """One line: why `name` did not load, and what names are known when it is not one of them."""
     if name in CLIP_MODELS or name in DINOV2_MODELS:
-        return InputError(f"cannot load image encoder {name!r} ({model_id}): {_first_line(error)}")
+        return InputError(f"cannot load image encoder {name!r} ({model_id}): {first_line(error)}")
     short_names = ", ".join([*CLIP_MODELS, *DINOV2_MODELS])
     return InputError(
         f"unknown image encoder {name!r}: not a short name ({short_names}), a local model directory, "
-        f"or a loadable transformers id ({_first_line(error)})"
+        f"or a loadable transformers id ({first_line(error)})"
     )
 
 

@@ -11,9 +11,9 @@ from huggingface_hub import HfApi
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from data.atomic import PathArgument, atomic_directory, check_output_directory
-from data.errors import InputError
+from data.errors import InputError, first_line
 from models.captioner import ClipCaptionModel
-from models.checkpoint import captioner_tokenizer, first_line, load_checkpoint, read_checkpoint
+from models.checkpoint import captioner_tokenizer, load_checkpoint, read_checkpoint
 from models.config import CaptionerConfig
 from models.hf_export import (
     CONFIG_FILE,

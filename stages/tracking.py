@@ -15,12 +15,11 @@ from types import ModuleType
 from typing import Any
 
 from data.annotations import image_files, inside_images_dir
-from data.errors import InputError
+from data.errors import InputError, first_line
 from data.features import FeatureFile
 from data.images import ImageReadError, load_rgb
 from data.options import option
 from data.references import ImageId, references_from_features
-from models.checkpoint import first_line
 
 DEFAULT_PROJECT = "clipcap-plus"
 RUN_ID_KEY = "wandb_run_id"  # in the run's position, so --resume continues the same W&B run

@@ -196,5 +196,6 @@ def test_a_checkpoint_without_the_projection_is_refused(tmp_path):
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=32
     )
     CLIPVisionModel(config).save_pretrained(tmp_path)
-    with pytest.raises(InputError, match=r"checkpoint lacks 1 weight\(s\), e.g. visual_projection.weight"):
+    # transformers 5.25 names the projection alone; 5.17 finds none of the tower's weights under that class.
+    with pytest.raises(InputError, match=r"checkpoint lacks \d+ weight\(s\), e.g. (visual_projection|vision_model)"):
         load_encoder(str(tmp_path))
