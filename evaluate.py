@@ -9,6 +9,7 @@ Score a COCO results file against a COCO captions file, a Karpathy dataset_*.jso
 import argparse
 
 from data.errors import exit_on_input_error
+from models import quiet_transformers
 from models.decoding import add_decoding_args
 from models.device import DEVICE_HELP, PRECISION_HELP
 from stages.evaluate import DEFAULT_METRICS, METRIC_KEYS, run_evaluation
@@ -71,5 +72,6 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    quiet_transformers()
     with exit_on_input_error():
         main(parse_args())

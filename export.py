@@ -9,6 +9,7 @@ python export.py runs/coco/coco_prefix_best.pt exports/coco_mlp --overwrite --pu
 import argparse
 
 from data.errors import exit_on_input_error
+from models import quiet_transformers
 from models.captioner import ClipCaptionModel
 from stages.export import run_export
 
@@ -37,5 +38,6 @@ def main(args: argparse.Namespace) -> ClipCaptionModel:
 
 
 if __name__ == "__main__":
+    quiet_transformers()
     with exit_on_input_error():
         main(parse_args())

@@ -7,6 +7,7 @@ r"""Stage 1 with DINOv2: encode each image of a caption file once into a feature
 import argparse
 
 from data.errors import exit_on_input_error
+from models import quiet_transformers
 from models.encoders import DINOV2_CROP_DIM, DINOV2_MODELS, DINOV2_RESIZE_DIM, FEATURE_TYPES
 from stages.extract import add_extraction_arguments, run_extraction
 
@@ -53,5 +54,6 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    quiet_transformers()
     with exit_on_input_error():
         main(parse_args())

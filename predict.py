@@ -10,6 +10,7 @@ python predict.py photo.jpg --weights coco_weights.pt --mapping_type mlp --prefi
 import argparse
 
 from data.errors import exit_on_input_error
+from models import quiet_transformers
 from models.decoding import add_decoding_args
 from models.device import DEVICE_HELP, PRECISION_HELP
 from models.mappers import PREFIX_MAPPERS
@@ -78,5 +79,6 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    quiet_transformers()
     with exit_on_input_error():
         main(parse_args())

@@ -10,6 +10,7 @@ python train.py --scst --init_from runs/coco/coco_prefix_best.pt --data features
 
 from data.errors import exit_on_input_error
 from data.options import build_parser, parse_options
+from models import quiet_transformers
 from models.captioner import ClipCaptionModel
 from stages.scst import ScstTrainer
 from stages.train import Trainer, run_training
@@ -35,5 +36,6 @@ def main(args: TrainingOptions) -> ClipCaptionModel:
 
 
 if __name__ == "__main__":
+    quiet_transformers()
     with exit_on_input_error():
         main(parse_args())

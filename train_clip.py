@@ -12,6 +12,7 @@ import os
 
 from data.errors import exit_on_input_error
 from data.options import add_options
+from models import quiet_transformers
 from models.device import DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from stages.align_sides import LOCAL_TOWERS
 from stages.tracking import TRACKING_GROUP, TrackingOptions
@@ -121,5 +122,6 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    quiet_transformers()
     with exit_on_input_error():
         main(parse_args())

@@ -117,3 +117,11 @@ def test_training_and_models_import_without_pycocoevalcap():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_importing_the_project_changes_no_library_setting():
+    """No import-time side effects: transformers' progress bars stay on until a script turns them off."""
+    modules = ", ".join(sorted(name for name in project_modules() if "." in name or name in PACKAGES))
+    probe = f"import {modules}; from transformers.utils import logging; print(logging.is_progress_bar_enabled())"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"
