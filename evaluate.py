@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=list(DEFAULT_METRICS),
         choices=[metric for metric in METRIC_KEYS if metric != "SPICE"],
-        help="metric groups to compute (default: all of them; SPICE with --spice)",
+        help="metric groups to compute, SPICE apart (--spice) (default: %(default)s)",
     )
     scoring.add_argument(
         "--spice", action="store_true", help="also compute SPICE (skipped, with the reason, if it cannot run)"

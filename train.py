@@ -12,11 +12,9 @@ from data.errors import exit_on_input_error
 from data.options import build_parser, parse_options
 from models import quiet_transformers
 from models.captioner import ClipCaptionModel
-from stages.scst import ScstTrainer
-from stages.train import Trainer, run_training
+from stages.objectives import OBJECTIVES
+from stages.train import run_training
 from stages.train_options import GROUPS, USAGE_RULES, TrainingOptions
-
-WARMUP_STEPS = {False: 5000, True: 0}  # ClipCap's warmup; none under --scst (a constant rate)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainingOptions:
@@ -26,13 +24,13 @@ def parse_args(argv: list[str] | None = None) -> TrainingOptions:
     if options.push_to_hub and not options.export_hf:
         parser.error("--push_to_hub uploads the --export_hf directory: give --export_hf too")
     if options.warmup_steps is None:
-        options.warmup_steps = WARMUP_STEPS[options.scst]
+        options.warmup_steps = OBJECTIVES[options.objective].default_warmup_steps
     return options
 
 
 def main(args: TrainingOptions) -> ClipCaptionModel:
     """Train (cross-entropy, or SCST with --scst) and return the model (the checkpoints are in --out_dir)."""
-    return run_training(TrainingOptions(**vars(args)), ScstTrainer if args.scst else Trainer)
+    return run_training(TrainingOptions(**vars(args)))
 
 
 if __name__ == "__main__":

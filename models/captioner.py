@@ -42,6 +42,12 @@ def lm_embedding_width(lm: PreTrainedModel) -> int:
     return lm.get_input_embeddings().embedding_dim
 
 
+def lm_context_length(lm: PreTrainedModel) -> int | None:
+    """The most positions the LM takes (prefix and caption together), or None where its config sets no limit."""
+    config = lm.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def cross_attention_inputs(cross_states: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The LM's keyword for cross-attention states, only when there are some: not every causal LM takes it."""
     return {} if cross_states is None else {"encoder_hidden_states": cross_states}

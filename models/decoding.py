@@ -13,7 +13,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from data.errors import InputError
-from models.captioner import ClipCaptionModel, Conditioning, cross_attention_inputs
+from models.captioner import ClipCaptionModel, Conditioning, cross_attention_inputs, lm_context_length
 from models.device import autocast
 
 METHODS = ("greedy", "beam", "sample")
@@ -340,11 +340,6 @@ def _best_beams(
     return [_hypothesis(tokens[beam], lengths[beam], scores[beam]) for beam in order.tolist()]
 
 
-def _max_positions(model: ClipCaptionModel) -> int | None:
-    config = model.gpt.config
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-
-
 @torch.no_grad()
 def decode(
     model: ClipCaptionModel,
@@ -358,7 +353,7 @@ def decode(
     image, best first; a caption ends at EOS, at a stop token, or after max_length tokens. Sampling
     draws from `generator`, else from one seeded by options.seed (else torch's global generator)."""
     num_images, prefix_length = conditioning.prefix.shape[:2]
-    max_positions = _max_positions(model)
+    max_positions = lm_context_length(model.gpt)
     if max_positions is not None and prefix_length + options.max_length > max_positions:
         raise InputError(
             f"--max_length {options.max_length}: prefix ({prefix_length}) plus caption exceeds the LM's "

@@ -1,8 +1,8 @@
 """Stage 2b behind `train.py --scst`: self-critical sequence training (Rennie et al. 2017) from a train.py
 checkpoint. Each step samples captions per image with the batched, KV-cached sampler, scores them
 (CIDEr-D, CLIP-S, or both), subtracts a baseline (the other samples' mean, or the greedy caption's
-reward) and raises the log-probability of the captions that beat it. The run itself (checkpoints,
-resume, torchrun, evaluation) is train.py's Trainer; this module adds what differs."""
+reward) and raises the log-probability of the captions that beat it. `Scst` is the objective that says
+so; the run itself (checkpoints, resume, torchrun, evaluation) is the Trainer's (stages/train.py)."""
 
 import hashlib
 import json
@@ -18,17 +18,15 @@ from data.errors import InputError
 from data.features import FeatureFile
 from data.references import ImageId, references_from_features
 from data.store import read_features
-from models.captioner import ClipCaptionModel
+from models.captioner import ClipCaptionModel, lm_context_length
 from models.clip_score import ClipScorer, holds_image_embeds_of
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_text, decode
 from models.device import autocast
 from models.hf_export import load_captioner
+from stages.distributed import DistributedContext
 from stages.rewards import CiderD, mean_of_others, normalize_caption, policy_gradient_loss
-from stages.train import Trainer
-
-# Options that decide an SCST run's weights besides train.py's (checked on --resume).
-SCST_TRAJECTORY = ("scst", "init_from", "reward", "baseline", "scst_samples", "clip_weight", "max_length")
+from stages.train_options import TrainingOptions
 
 
 class ImageRows(Dataset):
@@ -205,10 +203,16 @@ def scst_loss(
     return loss, stats
 
 
-class ScstTrainer(Trainer):
-    """train.py's Trainer with SCST's model (from --init_from), data (images, --bs of them a batch),
-    schedule (constant after --warmup_steps) and loss; checkpoints, resume, torchrun and --eval_every
-    are the Trainer's."""
+class Scst:
+    """SCST's objective: the model from --init_from, images for data (--bs of them a batch), a constant
+    learning rate after --warmup_steps, and the policy-gradient loss of sampled captions."""
+
+    identity = ("scst", "init_from", "reward", "baseline", "scst_samples", "clip_weight", "max_length")
+    default_warmup_steps = 0  # a constant rate from the first step
+
+    def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device, precision: str):
+        self.options, self.context, self.device, self.precision = options, context, device, precision
+        self.initial: ClipCaptionModel | None = None  # loaded to read its config, then trained
 
     def model_config(self, train_file: FeatureFile) -> CaptionerConfig:
         """The --init_from checkpoint's config, checked against --data."""
@@ -218,7 +222,7 @@ class ScstTrainer(Trainer):
             raise InputError("--baseline mean needs --scst_samples of at least 2 (or use --baseline greedy)")
         self.initial = load_captioner(self.options.init_from)
         config = self.initial.config
-        positions = getattr(self.initial.gpt.config, "n_positions", None)
+        positions = lm_context_length(self.initial.gpt)
         if positions is not None and config.prefix_length + self.options.max_length > positions:
             raise InputError(
                 f"--max_length {self.options.max_length}: prefix ({config.prefix_length}) plus caption exceeds "
@@ -231,13 +235,17 @@ class ScstTrainer(Trainer):
             )
         return config
 
-    def build_model(self) -> ClipCaptionModel:
+    def build_model(self, config: CaptionerConfig) -> ClipCaptionModel:
         """The --init_from model, in train mode (a frozen LM stays frozen)."""
         model, self.initial = self.initial, None
         return model.train()
 
-    def training_data(self, train_file: FeatureFile) -> tuple[Dataset, Callable]:
-        images = ImageRows(train_file)
+    def training_data(
+        self, train_file: FeatureFile, tokenizer: PreTrainedTokenizerBase, model: ClipCaptionModel
+    ) -> tuple[Dataset, Callable]:
+        """One item per image; the reward scorer reads the images' references (and CLIP embeddings)."""
+        self.model, self.tokenizer = model, tokenizer
+        self.images = ImageRows(train_file)
         self.scorer = RewardScorer(
             self.options.reward,
             train_file,
@@ -247,29 +255,28 @@ class ScstTrainer(Trainer):
             clip_weight=self.options.clip_weight,
             device=self.device,
         )
-        return images, collate_images
+        return self.images, collate_images
 
-    def data_key(self, train_file: FeatureFile) -> str:
+    def data_key(self, train_file: FeatureFile, train_set: Dataset) -> str:
         """The images' captions and features: what --resume checks it trains on."""
         captions = json.dumps([[c["image_id"], c["caption"]] for c in train_file.captions], default=str)
         return f"scst-{hashlib.sha256(captions.encode()).hexdigest()[:16]}-{train_file.embeddings_digest()}"
 
-    def schedule(self) -> torch.optim.lr_scheduler.LRScheduler:
-        """A constant learning rate after --warmup_steps (0 unless given)."""
-        return get_constant_schedule_with_warmup(self.optimizer, self.options.warmup_steps)
+    def schedule(
+        self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """A constant learning rate after the warmup."""
+        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
 
-    def _trajectory(self) -> dict:
-        return {**super()._trajectory(), **{name: getattr(self.options, name) for name in SCST_TRAJECTORY}}
-
-    def step_loss(self, batch: ImageBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, network: torch.nn.Module, batch: ImageBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """SCST's loss on a batch of images, with the mean reward, baseline and sample length."""
-        image_ids = [self.train_set.image_ids[index] for index in batch.indices.tolist()]
-        was_training = self.network.training
-        self.network.eval()  # no dropout: the log-probabilities are those of the sampling policy
+        image_ids = [self.images.image_ids[index] for index in batch.indices.tolist()]
+        was_training = network.training
+        network.eval()  # no dropout: the log-probabilities are those of the sampling policy
         try:
             return scst_loss(
                 self.model,
-                self.network,
+                network,
                 self.tokenizer,
                 batch.features,
                 image_ids,
@@ -280,4 +287,4 @@ class ScstTrainer(Trainer):
                 precision=self.precision,
             )
         finally:
-            self.network.train(was_training)
+            network.train(was_training)

@@ -3,7 +3,7 @@ of validation captions and the final model, mirrored to Weights & Biases by the 
 
 The training loops call a Tracker through a few hooks (the step log's records, `session`, `log_captions`,
 `log_model`); without --wandb, or on another rank, the Tracker does nothing. wandb is imported only when
---wandb is given. A resumed run continues the same W&B run: its id rides in the run's `position`, saved in
+--wandb is given. A resumed run continues the same W&B run: its id rides in the run's RunPosition, saved in
 `_latest.pt`. WANDB_MODE=offline writes the run under --out_dir/wandb/ for a later `wandb sync`."""
 
 import re
@@ -22,7 +22,6 @@ from data.options import option
 from data.references import ImageId, references_from_features
 
 DEFAULT_PROJECT = "clipcap-plus"
-RUN_ID_KEY = "wandb_run_id"  # in the run's position, so --resume continues the same W&B run
 CAPTION_ROWS = 32  # validation images per captions table: the same first ones every time, so evaluations compare
 THUMBNAIL_SIDE = 256  # a caption is judged at a glance; full-size images would make each table megabytes
 
@@ -57,8 +56,9 @@ class Tracker:
     """Where a run's figures go besides its log: nowhere (this class: no --wandb, or a rank other than 0)."""
 
     @contextmanager
-    def session(self, config: dict[str, Any], position: dict[str, Any]) -> Iterator[None]:
-        """The tracked run, open while the body trains (continuing the run named in `position`)."""
+    def session(self, config: dict[str, Any], position: Any) -> Iterator[None]:
+        """The tracked run, open while the body trains (continuing the run that `position`, the run's
+        RunPosition, names in wandb_run_id)."""
         yield
 
     def log(self, record: dict[str, Any]) -> None:
@@ -81,20 +81,20 @@ class WandbTracker(Tracker):
         self.references: dict[ImageId, list[str]] = {}  # and their references, read once
 
     @contextmanager
-    def session(self, config: dict[str, Any], position: dict[str, Any]) -> Iterator[None]:
+    def session(self, config: dict[str, Any], position: Any) -> Iterator[None]:
         try:
             # WANDB_MODE (online, offline, disabled) is wandb's own to read; dir= keeps the run beside its files.
             self.run = self.wandb.init(
                 project=self.project,
                 name=self.run_name,
                 dir=str(self.out_dir),
-                id=position.get(RUN_ID_KEY),
+                id=position.wandb_run_id,
                 resume="allow",
                 config=config,
             )
         except self.wandb.errors.Error as error:
             raise InputError(f"--wandb: {first_line(error)} (WANDB_MODE=offline logs without the network)") from None
-        position[RUN_ID_KEY] = self.run.id
+        position.wandb_run_id = self.run.id
         try:
             yield
         except BaseException:

@@ -1,10 +1,17 @@
-"""Stage 2: train a mapper (alone, or with the LM) on a feature file. AdamW with ClipCap's linear
-warmup schedule, per-batch padding, mixed precision on CUDA, torchrun DDP, exact resume."""
+"""Stage 2's loop: the Trainer runs a training run whatever it optimizes (device, precision, DDP, the
+schedule, clipping, checkpoints and exact resume, evaluation, W&B, the run's lock). What one step means
+is the run's objective (stages/objectives.py: cross-entropy, SCST), a value the Trainer holds, not a
+subclass of it. One step, as `Trainer.train_step` runs it:
+
+    loss, figures = objective.loss(network, batch)      # the objective's loss and the figures to log
+    loss_value = mean of loss over ranks                 # a non-finite one stops the run before any update
+    scaler.scale(loss).backward()                        # then clip to --max_grad_norm, and
+    scaler.step(optimizer); scaler.update(); scheduler.step(); optimizer.zero_grad()
+"""
 
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,18 +20,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
-from data.captions import CaptionBatch, CaptionCollator, CaptionDataset, build_caption_dataset, drop_long_captions
+from data.captions import CaptionCollator, drop_long_captions
 from data.errors import InputError
 from data.features import FeatureFile, check_same_encoder
 from data.options import check_ranges
 from data.store import read_features
-from models.captioner import ClipCaptionModel
-from models.checkpoint import build_captioner, load_state_into, load_tokenizer, save_checkpoint, save_config_json
-from models.config import CaptionerConfig
+from models.captioner import ClipCaptionModel, lm_context_length
+from models.checkpoint import load_state_into, load_tokenizer, save_checkpoint, save_config_json
 from models.decoding import DecodingOptions
-from models.device import autocast, resolve_precision
+from models.device import resolve_precision
+from stages.cross_entropy import caption_dataset, compute_loss
 from stages.distributed import (
     DistributedContext,
     close_distributed,
@@ -33,11 +39,13 @@ from stages.distributed import (
     wait_for_main,
 )
 from stages.export import check_training_export, export_trained
+from stages.objectives import OBJECTIVES
 from stages.tracking import make_tracker
-from stages.train_options import TrainingOptions, captioner_config
+from stages.train_options import TrainingOptions
 from stages.train_state import (
     TRAJECTORY_OPTIONS,
     RunFiles,
+    RunPosition,
     StepLog,
     check_same_run,
     check_same_runtime,
@@ -50,6 +58,7 @@ from stages.train_state import (
 
 # ClipCap's AdamW epsilon (torch's default is 1e-8).
 ADAM_EPS = 1e-6
+SCORED_CAPTION_TOKENS = 67  # validation captions decoded for --eval_every: ClipCap's entry_length
 
 
 def epoch_order(dataset: Dataset, seed: int, epoch: int, context: DistributedContext) -> list[int]:
@@ -58,12 +67,6 @@ def epoch_order(dataset: Dataset, seed: int, epoch: int, context: DistributedCon
     sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
     return list(sampler)
-
-
-def compute_loss(network: torch.nn.Module, batch: CaptionBatch, device: torch.device, precision: str) -> torch.Tensor:
-    """The teacher-forced loss of a batch (already on `device`), under the run's precision."""
-    with autocast(device, precision):
-        return network(batch.features, batch.tokens, batch.attention_mask).loss
 
 
 def apply_gradients(
@@ -86,11 +89,12 @@ def apply_gradients(
 
 
 class Trainer:
-    """One training run: the model, its optimizer and schedule, the data, and where the run stands."""
+    """One training run: its objective, the model, its optimizer and schedule, the data, and where the run stands."""
 
     def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device):
         self.options, self.context, self.device = options, context, device
         self.precision = resolve_precision(options.precision, device)
+        self.objective = OBJECTIVES[options.objective](options, context, device, self.precision)
         self.runtime = runtime_record(device, self.precision)
         self.files = RunFiles(Path(options.out_dir), options.prefix)
         inputs = {"--data": options.data, "--val_data": options.val_data, "--init_from": options.init_from}
@@ -98,38 +102,19 @@ class Trainer:
         self.tracker = make_tracker(
             options.wandb, options.wandb_project, options.wandb_run_name, Path(options.out_dir), context.is_main
         )
-        checkpoint = None
-        if options.resume:
-            source = resume_path(options.resume, options.prefix)
-            checkpoint = read_resume_checkpoint(source)
-        else:
-            self.files.check_free(options.overwrite)
-
-        if options.eval_every > 0:
-            if not options.val_data:
-                raise InputError("--eval_every needs --val_data (the captions to score against)")
-            # Imported here: pycocoevalcap (and Java) are needed only where captions are scored, so
-            # training without --eval_every runs where they are missing (e.g. a bare GPU box).
-            from stages.evaluate import require_java
-
-            require_java()  # now, not after the first epoch's work
+        checkpoint, source = self._resume_checkpoint()
+        self._check_evaluation_inputs()
         train_file = self._short_captions(read_features(options.data), f"--data {options.data}")
-        self.config = self.model_config(train_file)
+        self.config = self.objective.model_config(train_file)
         if checkpoint is not None:  # before anything slow: a wrong file or flag fails at once
-            check_same_run(checkpoint, source, self.config, self._trajectory())
+            check_same_run(checkpoint, source, self.config, self.identity())
             check_same_runtime(checkpoint, source, self.runtime)
         self.tokenizer = load_tokenizer(self.config.lm_name)
         torch.manual_seed(options.seed)  # the mapper's initial weights
-        self.model = self.build_model()
-        self.collate = CaptionCollator(self.tokenizer.pad_token_id)
-        self.train_set, self.train_collate = self.training_data(train_file)
-        self.val_file = (
-            self._short_captions(read_features(options.val_data), f"--val_data {options.val_data}")
-            if options.val_data
-            else None
-        )
+        self.model = self.objective.build_model(self.config)
+        self.train_set, self.train_collate = self.objective.training_data(train_file, self.tokenizer, self.model)
+        self.val_file = self._validation_file()
         self.val_set = self._val_set(self.val_file) if self.val_file is not None else None
-
         self.model.to(device)
         self.trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -137,16 +122,10 @@ class Trainer:
         )
         samples_per_rank = math.ceil(len(self.train_set) / context.world_size)  # DistributedSampler pads to this
         self.steps_per_epoch = math.ceil(samples_per_rank / options.batch_size)
-        self.scheduler = self.schedule()
+        total_steps = options.epochs * self.steps_per_epoch
+        self.scheduler = self.objective.schedule(self.optimizer, options.warmup_steps, total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.position = {
-            "step": 0,
-            "epoch": 0,
-            "batch_in_epoch": 0,
-            "data": self.data_key(train_file),
-            "best_cider": None,  # with --eval_every: the best validation CIDEr so far, kept in {prefix}_best.pt
-            "best_val_loss": None,  # with --val_data: the lowest validation loss so far, kept in {prefix}_best_loss.pt
-        }
+        self.position = RunPosition(data=self.objective.data_key(train_file, self.train_set))
         self.last_saved: Path | None = None
         if checkpoint is not None:
             self._restore(checkpoint, source)
@@ -155,38 +134,41 @@ class Trainer:
         self.main_work = main_work_group(context)  # the other ranks wait there while rank 0 scores and saves
         device_ids = [device.index] if device.type == "cuda" else None
         self.network = DistributedDataParallel(self.model, device_ids=device_ids) if context.enabled else self.model
-        if (options.resume or options.overwrite) and context.is_main:
-            self.files.remove_temporaries()  # left by writes a killed run did not finish
-        if checkpoint is None and options.overwrite and context.is_main:
-            self.files.remove_existing()  # only now that the data, flags and model have all checked out
+        self._tidy_run_files(resumed=checkpoint is not None)
 
-    def model_config(self, train_file: FeatureFile) -> CaptionerConfig:
-        """The model config: architecture from the flags, feature width and encoder from the feature file."""
-        return captioner_config(self.options, train_file)
+    def identity(self) -> dict:
+        """The options that decide the run's weights (the Trainer's and its objective's): --resume keeps them."""
+        return {name: getattr(self.options, name) for name in (*TRAJECTORY_OPTIONS, *self.objective.identity)}
 
-    def build_model(self) -> ClipCaptionModel:
-        """A fresh mapper on the LM of the config (frozen with --only_prefix)."""
-        model = build_captioner(self.config)
-        if self.options.only_prefix:
-            model.freeze_lm()
-        return model
+    def _resume_checkpoint(self) -> tuple[dict | None, Path | None]:
+        """With --resume, the saved run and its file; without, (None, None) once no earlier run is in the way."""
+        if not self.options.resume:
+            self.files.check_free(self.options.overwrite)
+            return None, None
+        source = resume_path(self.options.resume, self.options.prefix)
+        return read_resume_checkpoint(source), source
 
-    def training_data(self, train_file: FeatureFile) -> tuple[Dataset, Callable]:
-        """The training items (one per caption) and their collate_fn."""
-        return self._dataset(train_file), self.collate
+    def _check_evaluation_inputs(self) -> None:
+        """--eval_every needs --val_data, and Java: said now, not after the first epoch's work."""
+        if self.options.eval_every == 0:
+            return
+        if not self.options.val_data:
+            raise InputError("--eval_every needs --val_data (the captions to score against)")
+        # Imported here: pycocoevalcap (and Java) are needed only where captions are scored, so
+        # training without --eval_every runs where they are missing (e.g. a bare GPU box).
+        from stages.evaluate import require_java
 
-    def data_key(self, train_file: FeatureFile) -> str:
-        """What `--resume` checks it trains on: the tokenized captions and the feature values."""
-        return f"{self.train_set.tokenized.key}-{train_file.embeddings_digest()}"
+        require_java()
 
-    def schedule(self) -> torch.optim.lr_scheduler.LRScheduler:
-        """ClipCap's schedule: linear warmup, then linear decay to 0 at the last step."""
-        return get_linear_schedule_with_warmup(
-            self.optimizer, self.options.warmup_steps, self.options.epochs * self.steps_per_epoch
-        )
-
-    def _trajectory(self) -> dict:
-        return {name: getattr(self.options, name) for name in TRAJECTORY_OPTIONS}
+    def _tidy_run_files(self, resumed: bool) -> None:
+        """Temporaries a killed run left (--resume, --overwrite), and with --overwrite the earlier run's files:
+        only now that the data, flags and model have all checked out."""
+        if not self.context.is_main:
+            return
+        if resumed or self.options.overwrite:
+            self.files.remove_temporaries()
+        if not resumed and self.options.overwrite:
+            self.files.remove_existing()
 
     def _short_captions(self, features: FeatureFile, name: str) -> FeatureFile:
         """The file without captions over --max_caption_chars, said once; refused if none is left."""
@@ -198,18 +180,13 @@ class Trainer:
             print(f"{name}: dropped {dropped} caption(s) longer than --max_caption_chars {limit}")
         return features
 
-    def _dataset(self, features: FeatureFile) -> CaptionDataset:
-        context_length = getattr(self.model.gpt.config, "max_position_embeddings", None)
-        if context_length is not None and context_length <= self.config.prefix_length:
-            raise InputError(
-                f"--prefix_length {self.config.prefix_length} leaves no room in the LM's {context_length} positions"
-            )
-        max_tokens = context_length - self.config.prefix_length if context_length is not None else None
-        return build_caption_dataset(
-            features, self.tokenizer, max_tokens, self.options.cache_dir, self.context.is_main, self.context.is_main
-        )
+    def _validation_file(self) -> FeatureFile | None:
+        if not self.options.val_data:
+            return None
+        return self._short_captions(read_features(self.options.val_data), f"--val_data {self.options.val_data}")
 
-    def _val_set(self, val_file: FeatureFile) -> CaptionDataset:
+    def _val_set(self, val_file: FeatureFile) -> Dataset:
+        """The validation captions, checked against the model: their loss is cross-entropy whatever the objective."""
         if val_file.feature_dim != self.config.feature_dim:
             raise InputError(
                 f"--val_data {self.options.val_data} has {val_file.feature_dim}-d features, "
@@ -218,18 +195,19 @@ class Trainer:
         check_same_encoder(
             val_file, f"--val_data {self.options.val_data}", self.config.encoder, f"--data {self.options.data}"
         )
-        return self._dataset(val_file)
+        return caption_dataset(val_file, self.tokenizer, self.model, self.options.cache_dir, self.context)
 
     def _restore(self, checkpoint: dict, source: Path) -> None:
         """Continue the saved run: weights, optimizer, schedule, loss scale, position and RNG."""
-        if checkpoint["position"].get("data") != self.position["data"]:
+        saved = RunPosition.from_dict(checkpoint["position"], source)
+        if saved.data != self.position.data:
             raise InputError(f"--resume {source}: --data is not the feature file the saved run trained on")
         load_state_into(self.model, checkpoint["model"], str(source))
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
-        self.position = dict(checkpoint["position"])
+        self.position = saved
         restore_rng_state(checkpoint["rng"], self.device, self.context)
         self.last_saved = source
 
@@ -237,35 +215,32 @@ class Trainer:
         """The options, the model config and what they resolved to (printed, and given to the tracker)."""
         model = {key: value for key, value in self.config.to_dict().items() if key != "lm_config"}
         resolved = {
+            "objective": self.options.objective,
             "device": str(self.device),
             "precision": self.precision,
             "world_size": self.context.world_size,
-            "train_captions": len(self.train_set),
+            "train_captions": len(self.train_set),  # images under --scst
             "val_captions": len(self.val_set) if self.val_set is not None else 0,
             "steps_per_epoch": self.steps_per_epoch,
             "trainable_parameters": sum(parameter.numel() for parameter in self.trainable),
-            "start": {key: value for key, value in self.position.items() if key != "data"},
+            "start": {"step": self.position.step, "epoch": self.position.epoch, "best": self.position.best},
         }
         return {"options": asdict(self.options), "model": model, "resolved": resolved}
 
-    def print_config(self) -> None:
-        """The resolved settings, once, from the main process."""
-        if self.context.is_main:
-            print(json.dumps(self.run_config(), indent=2))
-
     def fit(self) -> ClipCaptionModel:
         """Train the remaining epochs; returns the (unwrapped) model."""
-        self.print_config()
-        if self.position["epoch"] >= self.options.epochs:
+        if self.context.is_main:
+            print(json.dumps(self.run_config(), indent=2))
+        if self.position.epoch >= self.options.epochs:
             print(f"the run already finished its {self.options.epochs} epochs; nothing to do")
             return self.model
         if self.context.is_main:
             save_config_json(self.files.config_json, self.config)
-        resume_step = self.position["step"] if self.options.resume else None
+        resume_step = self.position.step if self.options.resume else None
         self.log = StepLog(self.files.log, self.context.is_main, resume_step, self.tracker)
         try:
             with self.tracker.session(self.run_config(), self.position):
-                for epoch in range(self.position["epoch"], self.options.epochs):
+                for epoch in range(self.position.epoch, self.options.epochs):
                     self.train_epoch(epoch)
                     self.end_epoch(epoch)
                 last = self.options.epochs - 1
@@ -274,7 +249,7 @@ class Trainer:
             self.log.close()
         return self.model
 
-    def _loader(self, dataset: Dataset, indices: list[int], seed: int, collate: Callable) -> DataLoader:
+    def _loader(self, dataset: Dataset, indices: list[int], seed: int, collate) -> DataLoader:
         # A generator of its own: creating the loader must not draw from the global RNG (dropout's).
         return DataLoader(
             dataset,
@@ -287,9 +262,9 @@ class Trainer:
         )
 
     def train_epoch(self, epoch: int) -> None:
-        """One pass over this rank's share of the captions, from where the run stands."""
+        """One pass over this rank's share of the training items, from where the run stands."""
         self.network.train()
-        done = self.position["batch_in_epoch"]
+        done = self.position.batch_in_epoch
         indices = epoch_order(self.train_set, self.options.seed, epoch, self.context)[done * self.options.batch_size :]
         bar = tqdm(
             total=self.steps_per_epoch,
@@ -304,32 +279,28 @@ class Trainer:
             now = time.perf_counter()
             samples_per_s = len(batch) * self.context.world_size / (now - last)
             last = now
-            self.position["step"] += 1
-            self.position["batch_in_epoch"] += 1
-            self.log.write(step=self.position["step"], epoch=epoch, **stats, samples_per_s=samples_per_s)
+            self.position.step += 1
+            self.position.batch_in_epoch += 1
+            self.log.write(step=self.position.step, epoch=epoch, **stats, samples_per_s=samples_per_s)
             bar.update()
             shown = {name: f"{value:.4g}" for name, value in stats.items() if name != "lr"}
             bar.set_postfix(**shown, samples_per_s=f"{samples_per_s:.1f}")
-            periodic = self.options.save_latest_every and self.position["step"] % self.options.save_latest_every == 0
-            if periodic and self.position["batch_in_epoch"] < self.steps_per_epoch:  # the epoch's end saves anyway
+            periodic = self.options.save_latest_every and self.position.step % self.options.save_latest_every == 0
+            if periodic and self.position.batch_in_epoch < self.steps_per_epoch:  # the epoch's end saves anyway
                 self.check_finite_weights()
                 self.save_latest()
         bar.close()
-        self.position.update(epoch=epoch + 1, batch_in_epoch=0)
+        self.position.epoch, self.position.batch_in_epoch = epoch + 1, 0
 
-    def step_loss(self, batch: CaptionBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss to minimize on a batch, and figures of this rank's batch to log beside it."""
-        return compute_loss(self.network, batch, self.device, self.precision), {}
-
-    def train_step(self, batch: CaptionBatch, epoch: int) -> dict[str, float]:
+    def train_step(self, batch, epoch: int) -> dict[str, float]:
         """One optimizer step; returns what the log records of it: the loss (mean over ranks), the
-        learning rate used, and step_loss's figures."""
+        learning rate used, and the objective's figures."""
         lr = self.scheduler.get_last_lr()[0]
-        loss, figures = self.step_loss(batch)
+        loss, figures = self.objective.loss(self.network, batch)
         loss_value = self._mean_over_ranks(loss.detach().float())  # every rank sees the same value
         if not math.isfinite(loss_value):
             raise InputError(
-                f"loss is {loss_value} at step {self.position['step'] + 1} (epoch {epoch}); training stopped "
+                f"loss is {loss_value} at step {self.position.step + 1} (epoch {epoch}); training stopped "
                 f"before updating the weights, {self._last_good()}. Try a lower --lr or --precision fp32"
             )
         apply_gradients(loss, self.trainable, self.optimizer, self.scheduler, self.scaler, self.options.max_grad_norm)
@@ -343,7 +314,7 @@ class Trainer:
         if bool(torch.stack([parameter.isfinite().all() for parameter in self.trainable]).all()):
             return
         raise InputError(
-            f"the weights are not finite after step {self.position['step']}; training stopped without saving "
+            f"the weights are not finite after step {self.position.step}; training stopped without saving "
             f"them, {self._last_good()}. Try a lower --lr or --precision fp32"
         )
 
@@ -370,7 +341,7 @@ class Trainer:
             scores = self.score_validation(epoch)
             record.update(scores)
         if record:
-            self.log.write(step=self.position["step"], epoch=epoch, **record)
+            self.log.write(step=self.position.step, epoch=epoch, **record)
             if self.context.is_main:
                 tqdm.write(f"epoch {epoch}: " + ", ".join(f"{name} {value:.4f}" for name, value in record.items()))
         if self.context.is_main and (epoch % self.options.save_every == 0 or last):
@@ -385,34 +356,34 @@ class Trainer:
 
     def score_validation(self, epoch: int) -> dict[str, float]:
         """Greedy-decode the validation images, score CIDEr and BLEU-4, keep `{prefix}_best.pt` (main process only)."""
-        context_length = getattr(self.model.gpt.config, "max_position_embeddings", None) or 10**9
-        options = DecodingOptions(method="greedy", max_length=min(67, context_length - self.config.prefix_length))
+        context_length = lm_context_length(self.model.gpt) or 10**9
+        max_length = min(SCORED_CAPTION_TOKENS, context_length - self.config.prefix_length)
         from stages.evaluate import score_captioner  # late, as require_java above
 
         scores, predictions = score_captioner(
             self.model,
             self.tokenizer,
             self.val_file,
-            options,
+            DecodingOptions(method="greedy", max_length=max_length),
             batch_size=self.options.batch_size,
             device=self.device,
             precision=self.precision,
         )
         scores = {"CIDEr": scores["CIDEr"], "Bleu_4": scores["Bleu_4"]}
-        self.tracker.log_captions(predictions, self.val_file, step=self.position["step"])
-        best = self.position["best_cider"]
+        self.tracker.log_captions(predictions, self.val_file, step=self.position.step)
+        best = self.position.best.get("CIDEr")
         if best is None or scores["CIDEr"] > best:
-            self.position["best_cider"] = scores["CIDEr"]
+            self.position.best["CIDEr"] = scores["CIDEr"]
             save_checkpoint(self.files.best, self.model, epoch=epoch, scores=scores)
         return scores
 
     def keep_best_loss(self, epoch: int, val_loss: float) -> None:
         """`{prefix}_best_loss.pt` when the validation loss is the lowest so far (every rank has the same loss)."""
-        best = self.position.get("best_val_loss")  # absent from runs saved before it was kept
+        best = self.position.best.get("val_loss")
         # Written so that NaN (an overflowing validation pass) never counts as the best.
         if not math.isfinite(val_loss) or (best is not None and val_loss >= best):
             return
-        self.position["best_val_loss"] = val_loss
+        self.position.best["val_loss"] = val_loss
         if self.context.is_main:
             save_checkpoint(self.files.best_loss, self.model, epoch=epoch, scores={"val_loss": val_loss})
 
@@ -422,7 +393,8 @@ class Trainer:
         self.model.eval()
         indices = list(range(self.context.rank, len(self.val_set), self.context.world_size))
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, token count)
-        for batch in self._loader(self.val_set, indices, self.options.seed, self.collate):
+        collate = CaptionCollator(self.tokenizer.pad_token_id)
+        for batch in self._loader(self.val_set, indices, self.options.seed, collate):
             batch = batch.to(self.device)
             loss = compute_loss(self.model, batch, self.device, self.precision)
             tokens = batch.attention_mask.sum()
@@ -443,15 +415,15 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(),
-            position=dict(self.position),
-            options=self._trajectory(),
+            position=self.position.to_dict(),
+            options=self.identity(),
             runtime=self.runtime,
             rng=rng,
         )
         self.last_saved = self.files.latest
 
 
-def run_training(options: TrainingOptions, trainer_class: type[Trainer] = Trainer) -> ClipCaptionModel:
+def run_training(options: TrainingOptions) -> ClipCaptionModel:
     """Train as `options` say (joining torchrun's process group when launched by it), export the final
     checkpoint with --export_hf (rank 0); returns the model."""
     check_ranges(options)  # before anything is created, the run's lock file included
@@ -459,7 +431,7 @@ def run_training(options: TrainingOptions, trainer_class: type[Trainer] = Traine
     context, device = init_distributed(options.device)
     try:
         with RunFiles(Path(options.out_dir), options.prefix).locked(context.is_main):
-            model = trainer_class(options, context, device).fit()
+            model = Trainer(options, context, device).fit()
             if options.export_hf and context.is_main:
                 export_trained(options)  # under the lock: no other run replaces the checkpoint meanwhile
             return model

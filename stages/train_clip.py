@@ -8,7 +8,6 @@ so are the epoch order, the gradient step and torchrun's process group. Under to
 its share of every epoch's images, the InfoNCE batch is all processes' batches together (CLIP's), and rank 0
 alone embeds the frozen captions, validates and writes, while the others wait."""
 
-import argparse
 import math
 import os
 import shutil
@@ -21,13 +20,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from data.atomic import check_outputs, torch_save_atomic, write_json_atomic
 from data.captions import default_cache_dir
 from data.embedding_cache import texts_fingerprint
 from data.errors import InputError
 from data.images import ImageDataset, collate_images
+from data.options import check_ranges
 from models.aligned import AlignedImageEncoder, save_aligned_encoder
 from models.clip_score import ClipScorer
 from models.contrastive import ContrastivePair, retrieval_recall
@@ -46,8 +45,10 @@ from stages.distributed import (
 from stages.extract import iter_encoded_batches
 from stages.tracking import make_tracker
 from stages.train import apply_gradients, epoch_order
+from stages.train_clip_options import SCHEDULES, AlignmentOptions
 from stages.train_state import (
     RunFiles,
+    RunPosition,
     StepLog,
     check_same_runtime,
     gather_rng_states,
@@ -77,7 +78,6 @@ TRAJECTORY = (
     "cnn_stem",
     "max_grad_norm",
 )
-SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}
 
 
 class EncoderView(nn.Module):
@@ -94,7 +94,7 @@ class EncoderView(nn.Module):
 class AlignmentTrainer:
     """One alignment run: the pair being trained, its optimizer and schedule, the data, and where it stands."""
 
-    def __init__(self, args: argparse.Namespace, context: DistributedContext, device: torch.device):
+    def __init__(self, args: AlignmentOptions, context: DistributedContext, device: torch.device):
         self.args, self.context, self.device = args, context, device
         self.precision = resolve_precision(args.precision, device)
         self.runtime = runtime_record(device, self.precision)
@@ -150,15 +150,9 @@ class AlignmentTrainer:
         self.steps_per_epoch = math.ceil(math.ceil(len(self.train_data.records) / context.world_size) / args.batch_size)
         self.scheduler = SCHEDULES[args.schedule](self.optimizer, args.warmup_steps, args.epochs * self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.position = {
-            "step": 0,
-            "epoch": 0,
-            "batch_in_epoch": 0,
-            "data": texts_fingerprint([str(path) for path in self.train_data.paths] + self.train_data.texts),
-            "best_rsum": None,
-            "history": [],
-            "skipped": {},
-        }
+        self.position = RunPosition(
+            data=texts_fingerprint([str(path) for path in self.train_data.paths] + self.train_data.texts)
+        )
         if checkpoint is not None:
             self._restore(checkpoint, source)  # each rank's RNG state too: not to be seeded over
         else:
@@ -204,7 +198,8 @@ class AlignmentTrainer:
                 )
 
     def _restore(self, checkpoint: dict, source: Path) -> None:
-        if checkpoint["position"].get("data") != self.position["data"]:
+        saved = RunPosition.from_dict(checkpoint["position"], source)
+        if saved.data != self.position.data:
             raise InputError(f"--resume {source}: the training images or captions differ from the saved run's")
         try:
             self.model.load_state_dict(checkpoint["model"])
@@ -216,7 +211,7 @@ class AlignmentTrainer:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
-        self.position = dict(checkpoint["position"])
+        self.position = saved
         restore_rng_state(checkpoint["rng"], self.device, self.context)
 
     def fit(self) -> dict:
@@ -228,15 +223,15 @@ class AlignmentTrainer:
         config = {**vars(self.args), **resolved}
         if self.context.is_main:
             print("config:", *(f"  {key}: {value}" for key, value in config.items()), sep="\n")
-        if self.position["epoch"] >= self.args.epochs:
+        if self.position.epoch >= self.args.epochs:
             if self.context.is_main:
                 print(f"the run already finished its {self.args.epochs} epochs; nothing to do")
             return self.retrieval_record()
-        resume_step = self.position["step"] if self.args.resume else None
+        resume_step = self.position.step if self.args.resume else None
         self.log = StepLog(self.files.log, self.context.is_main, resume_step, self.tracker)
         try:
             with self.tracker.session(config, self.position):
-                for epoch in range(self.position["epoch"], self.args.epochs):
+                for epoch in range(self.position.epoch, self.args.epochs):
                     self.train_epoch(epoch)
                     self.end_epoch(epoch)
                 self.tracker.log_model(self.encoder_dir, f"{RUN_PREFIX}-encoder", self.retrieval_record()["best"])
@@ -247,14 +242,14 @@ class AlignmentTrainer:
     def train_epoch(self, epoch: int) -> None:
         """One pass over this rank's share of the images, each with its caption drawn for this epoch."""
         self.network.train()
-        done = self.position["batch_in_epoch"]
+        done = self.position.batch_in_epoch
         order = epoch_order(self.train_data.records, self.args.seed, epoch, self.context)[done * self.args.batch_size :]
         captions = self.train_data.draw_captions(self.args.seed, epoch)
         bar = tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {epoch}", disable=not self.context.is_main)
         last = time.perf_counter()
         for indices, pixels, failures in self.batches(order, epoch):
             for index, reason in failures:  # reported at the epoch's end; never fatal
-                self.position["skipped"][str(self.train_data.paths[index])] = reason
+                self.position.skipped[str(self.train_data.paths[index])] = reason
             # Every rank steps or none does (DDP and the gathered batch need them all): InfoNCE needs a
             # negative, and a rank whose every image of the batch is unreadable has nothing to forward.
             batch_sizes = gather_counts(len(indices), self.context, self.device)
@@ -263,15 +258,15 @@ class AlignmentTrainer:
                 now = time.perf_counter()
                 stats["images_per_s"] = sum(batch_sizes) / (now - last)
                 last = now
-                self.log.write(step=self.position["step"], epoch=epoch, **stats)
+                self.log.write(step=self.position.step, epoch=epoch, **stats)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", scale=f"{stats['logit_scale']:.1f}")
-            self.position["batch_in_epoch"] += 1
+            self.position.batch_in_epoch += 1
             bar.update()
             every = self.args.save_latest_every
-            if every and self.position["step"] % every == 0 and self.position["batch_in_epoch"] < self.steps_per_epoch:
+            if every and self.position.step % every == 0 and self.position.batch_in_epoch < self.steps_per_epoch:
                 self.save_latest()
         bar.close()
-        self.position.update(epoch=epoch + 1, batch_in_epoch=0)
+        self.position.epoch, self.position.batch_in_epoch = epoch + 1, 0
 
     def _loader(self, indices: list[int], seed: int) -> DataLoader:
         return DataLoader(
@@ -292,7 +287,7 @@ class AlignmentTrainer:
         for indices, pixels, failures in tqdm(loader, desc="decoding images", disable=not self.context.is_main):
             rows.update(zip(indices, pixels if pixels is not None else []))
             for index, reason in failures:
-                self.position["skipped"][str(self.train_data.paths[index])] = reason
+                self.position.skipped[str(self.train_data.paths[index])] = reason
         self.cached_row = {index: row for row, index in enumerate(sorted(rows))}
         self.cached_pixels = torch.stack([rows[index] for index in sorted(rows)]) if rows else None
 
@@ -324,12 +319,12 @@ class AlignmentTrainer:
         loss = output.loss.detach().float()
         if not math.isfinite(loss.item()):
             raise InputError(
-                f"loss is {loss.item()} at step {self.position['step'] + 1} (epoch {epoch}); try a lower --lr"
+                f"loss is {loss.item()} at step {self.position.step + 1} (epoch {epoch}); try a lower --lr"
             )
         apply_gradients(
             output.loss, self.trainable, self.optimizer, self.scheduler, self.scaler, self.args.max_grad_norm
         )
-        self.position["step"] += 1
+        self.position.step += 1
         return {"loss": loss.item(), "lr": lr, "logit_scale": output.logit_scale.item()}
 
     @torch.no_grad()
@@ -350,7 +345,7 @@ class AlignmentTrainer:
         for batch in batches:
             rows.update(zip(batch.indices, batch.features))
             for index, reason in batch.failures:
-                self.position["skipped"][str(self.val_data.paths[index])] = reason
+                self.position.skipped[str(self.val_data.paths[index])] = reason
         if not rows:
             raise InputError(f"no image of --val_split {self.args.val_split} could be read")
         kept = sorted(rows)
@@ -369,31 +364,31 @@ class AlignmentTrainer:
         """Validation recall, retrieval.json, the best encoder, skipped images; then the resume checkpoint."""
         if not bool(torch.stack([parameter.isfinite().all() for parameter in self.trainable]).all()):
             raise InputError(f"the weights are not finite after epoch {epoch}; nothing saved. Try a lower --lr")
-        for share in gather_objects(self.position["skipped"], self.context):  # each rank met its own images'
-            self.position["skipped"].update(share)
+        for share in gather_objects(self.position.skipped, self.context):  # each rank met its own images'
+            self.position.skipped.update(share)
         if self.context.is_main:
             recall = self.evaluate()
-            record = {"epoch": epoch, "step": self.position["step"], **recall}
+            record = {"epoch": epoch, "step": self.position.step, **recall}
             record["logit_scale"] = self.model.logit_scale().item()
-            self.position["history"].append(record)
-            best = self.position["best_rsum"]
+            self.position.history.append(record)
+            best = self.position.best.get("R@sum")
             if best is None or recall["R@sum"] > best:
-                self.position["best_rsum"] = recall["R@sum"]
+                self.position.best["R@sum"] = recall["R@sum"]
                 self.save_encoder(epoch, recall)
             write_json_atomic(self.retrieval_file, self.retrieval_record())
-            self.log.write(step=self.position["step"], epoch=epoch, **recall)
-            tqdm.write(format_recall_row(record, header=epoch == 0 or len(self.position["history"]) == 1))
-            if self.position["skipped"]:
-                write_json_atomic(self.skipped_file, self.position["skipped"])
+            self.log.write(step=self.position.step, epoch=epoch, **recall)
+            tqdm.write(format_recall_row(record, header=epoch == 0 or len(self.position.history) == 1))
+            if self.position.skipped:
+                write_json_atomic(self.skipped_file, self.position.skipped)
                 tqdm.write(
-                    f"{len(self.position['skipped'])} unreadable image(s) skipped, listed in {self.skipped_file}"
+                    f"{len(self.position.skipped)} unreadable image(s) skipped, listed in {self.skipped_file}"
                 )
         wait_for_main(self.main_work)
         self.save_latest()
 
     def retrieval_record(self) -> dict:
         """retrieval.json: every epoch's recalls, and the best epoch's (whose encoder is kept)."""
-        history = self.position["history"]
+        history = self.position.history
         best = max(history, key=lambda record: record["R@sum"]) if history else None
         return {"epochs": history, "best": best, "encoder": str(self.encoder_dir)}
 
@@ -421,7 +416,7 @@ class AlignmentTrainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "position": dict(self.position),
+                "position": self.position.to_dict(),
                 "options": {name: getattr(self.args, name) for name in TRAJECTORY},
                 "runtime": self.runtime,
                 "rng": rng,
@@ -447,11 +442,9 @@ def format_retrieval_table(retrieval: dict) -> str:
     return "\n".join(lines)
 
 
-def run_alignment(args: argparse.Namespace) -> dict:
+def run_alignment(args: AlignmentOptions) -> dict:
     """train_clip.py's run (joining torchrun's process group when launched by it); returns retrieval.json's record."""
-    for flag in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    check_ranges(args)
     if not Path(args.images_dir).is_dir():
         raise InputError(f"--images_dir {args.images_dir}: no such directory")
     context, device = init_distributed(args.device)

@@ -195,6 +195,11 @@ class TrainingOptions(TrackingOptions):
     )
     clip_weight: float = option(1.0, "weight of CLIP-S in --reward cider+clip", group="scst", usage=("scst",))
 
+    @property
+    def objective(self) -> str:
+        """What the run optimizes: its name in stages/objectives.py's registry."""
+        return "scst" if self.scst else "cross_entropy"
+
 
 def captioner_config(options: TrainingOptions, features: FeatureFile) -> CaptionerConfig:
     """The model config: architecture from the flags, feature width and encoder from the feature file."""

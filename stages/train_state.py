@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,36 @@ ARCHITECTURE_FIELDS = (
     "normalize_prefix",
     "lm_name",
 )
+
+
+@dataclass
+class RunPosition:
+    """Where a run stands (train.py's and train_clip.py's alike), saved in `_latest.pt` for --resume."""
+
+    data: str  # what the run trains on: --resume refuses other data
+    step: int = 0
+    epoch: int = 0  # epochs finished
+    batch_in_epoch: int = 0  # batches of the current epoch finished
+    best: dict[str, float] = field(default_factory=dict)  # the best value so far of each kept model's figure
+    history: list[dict] = field(default_factory=list)  # train_clip.py: each epoch's recalls
+    skipped: dict[str, str] = field(default_factory=dict)  # train_clip.py: unreadable images and why
+    wandb_run_id: str | None = None  # --wandb: so --resume continues the same W&B run
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], source: Path) -> "RunPosition":
+        """The saved position; runs saved before this class kept their best values under their own keys."""
+        saved = dict(saved)
+        for old_key, figure in (("best_cider", "CIDEr"), ("best_val_loss", "val_loss"), ("best_rsum", "R@sum")):
+            if saved.get(old_key) is not None:
+                saved.setdefault("best", {})[figure] = saved[old_key]
+            saved.pop(old_key, None)
+        known = {name: saved[name] for name in cls.__dataclass_fields__ if name in saved}
+        if "data" not in known:
+            raise InputError(f"--resume {source}: the saved position lacks its data key; not a run of this repo")
+        return cls(**known)
 
 
 @dataclass

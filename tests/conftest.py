@@ -18,7 +18,10 @@ torch.set_num_threads(1)
 
 from data.annotations import read_annotations  # noqa: E402
 from data.synthetic import generate_dataset  # noqa: E402
+from models import quiet_transformers  # noqa: E402
 from models.tiny import save_tiny_clip, save_tiny_clip_model, save_tiny_dinov2, save_tiny_gpt2  # noqa: E402
+
+quiet_transformers()  # as every script does before its main(), which the tests call in-process
 
 # Words of the captions the tests use, so the tiny tokenizer knows them all.
 TOKENIZER_TEXTS = [

@@ -125,3 +125,21 @@ def test_importing_the_project_changes_no_library_setting():
     probe = f"import {modules}; from transformers.utils import logging; print(logging.is_progress_bar_enabled())"
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "True"
+
+
+def subclasses_of(name: str) -> list[str]:
+    """Every class in the project whose bases name `name` (`Trainer`, `train.Trainer`, ...)."""
+    found = []
+    for module, path in project_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                bases = [ast.unparse(base).split(".")[-1] for base in node.bases]
+                if name in bases:
+                    found.append(f"{module}.{node.name}")
+    return found
+
+
+def test_no_class_derives_from_the_trainer():
+    """Composition is the design: an objective is a value the Trainer holds (stages/objectives.py)."""
+    assert subclasses_of("Trainer") == []
+    assert subclasses_of("Tracker") == ["stages.tracking.WandbTracker"]  # the finder finds subclasses

@@ -12,7 +12,7 @@ from data.features import FeatureFile, write_feature_file
 from models.checkpoint import load_checkpoint
 from models.clip_score import ClipScorer
 from models.tiny import save_tiny_clip_model
-from stages.scst import ScstTrainer
+from stages.train import Trainer
 from tests.conftest import REPO, TOKENIZER_TEXTS
 from tests.test_training import CAPTIONS, crash_at_step, read_log, train_args, write_features
 
@@ -98,7 +98,7 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, data, chec
     common = ("--epochs", "2", "--save_latest_every", "1")
     train.main(train.parse_args(scst_args(data, checkpoint, tmp_path / "straight", *common)))
     interrupted = tmp_path / "interrupted"
-    crash_at_step(monkeypatch, ScstTrainer, 3, scst_args(data, checkpoint, interrupted, *common))
+    crash_at_step(monkeypatch, Trainer, 3, scst_args(data, checkpoint, interrupted, *common))
     resume = ("--resume", str(interrupted))
     train.main(train.parse_args(scst_args(data, checkpoint, interrupted, *common, *resume)))
     expected = torch.load(tmp_path / "straight" / "scst-001.pt", weights_only=True)["model"]

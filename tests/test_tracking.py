@@ -15,7 +15,7 @@ import train
 import train_clip
 from data.errors import InputError
 from data.features import FeatureFile, write_feature_file
-from stages.tracking import RUN_ID_KEY, Tracker, make_tracker
+from stages.tracking import Tracker, make_tracker
 from stages.train import Trainer
 from tests.test_scst import scst_args
 from tests.test_train_clip import align_args
@@ -137,7 +137,7 @@ def test_train_logs_an_offline_run_and_resume_continues_it(tmp_path, tiny_gpt2_d
 
     crashed, resumed = offline_runs(out_dir)
     assert crashed["id"] == resumed["id"]  # one W&B run, continued
-    assert torch.load(out_dir / "coco_prefix_latest.pt", weights_only=True)["position"][RUN_ID_KEY] == resumed["id"]
+    assert torch.load(out_dir / "coco_prefix_latest.pt", weights_only=True)["position"]["wandb_run_id"] == resumed["id"]
     assert (crashed["exit_code"], resumed["exit_code"]) == (1, 0)
     history = {**crashed["history"], **resumed["history"]}
     assert sorted(history) == [1, 2]

@@ -161,7 +161,7 @@ def test_best_loss_model_survives_resume_and_overwrite(tmp_path, tiny_gpt2_dir, 
     data = write_features(tmp_path / "train.pkl", [CAPTIONS[:4]])  # 1 step an epoch
     val_data = write_features(tmp_path / "val.pkl", [CAPTIONS[4:]])
     scripted = {0: 2.0, 1: 1.0, 2: 3.0}  # the validation loss of each epoch: the best is epoch 1's
-    monkeypatch.setattr(Trainer, "validation_loss", lambda self: scripted[self.position["epoch"] - 1])
+    monkeypatch.setattr(Trainer, "validation_loss", lambda self: scripted[self.position.epoch - 1])
     original_epoch = Trainer.train_epoch
 
     def crash_in_epoch_two(self, epoch):
@@ -178,7 +178,7 @@ def test_best_loss_model_survives_resume_and_overwrite(tmp_path, tiny_gpt2_dir, 
     train.main(train.parse_args([*args, "--resume", str(out_dir)]))  # epoch 2's worse loss must not replace it
     best_loss = torch.load(out_dir / "coco_prefix_best_loss.pt", weights_only=True)
     assert (best_loss["epoch"], best_loss["scores"]) == (1, {"val_loss": 1.0})
-    assert torch.load(out_dir / "coco_prefix_latest.pt", weights_only=True)["position"]["best_val_loss"] == 1.0
+    assert torch.load(out_dir / "coco_prefix_latest.pt", weights_only=True)["position"]["best"]["val_loss"] == 1.0
     assert [record["val_loss"] for record in read_log(out_dir) if "val_loss" in record] == [2.0, 1.0, 3.0]
 
     # An input that is the run's best-loss file is refused; --overwrite deletes it with the rest.
@@ -193,7 +193,7 @@ def test_a_nan_validation_loss_never_becomes_the_best(tmp_path, tiny_gpt2_dir, m
     data = write_features(tmp_path / "train.pkl", [CAPTIONS[:4]])  # 1 step an epoch
     val_data = write_features(tmp_path / "val.pkl", [CAPTIONS[4:]])
     scripted = {0: 2.0, 1: float("nan"), 2: 3.0}  # an overflowing validation pass in epoch 1
-    monkeypatch.setattr(Trainer, "validation_loss", lambda self: scripted[self.position["epoch"] - 1])
+    monkeypatch.setattr(Trainer, "validation_loss", lambda self: scripted[self.position.epoch - 1])
     out_dir = tmp_path / "run"
     args = train_args(data, out_dir, tiny_gpt2_dir, "--epochs", "3", "--only_prefix", "--val_data", str(val_data))
     train.main(train.parse_args(args))
