@@ -72,8 +72,14 @@ class ContrastivePair(nn.Module):
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / INITIAL_TEMPERATURE)))
 
     def logit_scale(self) -> torch.Tensor:
-        """exp of the learned parameter, clamped at MAX_LOGIT_SCALE (no gradient past the clamp)."""
-        return self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        """exp of the learned parameter, unclamped: a clamp here would have no gradient past the bound, and
+        a scale that crossed it would stay there. clamp_logit_scale bounds it after each step instead."""
+        return self.log_logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Put the temperature back within MAX_LOGIT_SCALE, in place: CLIP's, after each optimizer step."""
+        self.log_logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
 
     def forward(
         self,

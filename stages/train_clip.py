@@ -329,6 +329,7 @@ class AlignmentTrainer:
         apply_gradients(
             output.loss, self.trainable, self.optimizer, self.scheduler, self.scaler, self.args.max_grad_norm
         )
+        self.model.clamp_logit_scale()
         self.position["step"] += 1
         return {"loss": loss.item(), "lr": lr, "logit_scale": output.logit_scale.item()}
 

@@ -21,6 +21,7 @@ from data.annotations import read_annotations
 from data.errors import InputError
 from data.features import read_feature_file
 from data.synthetic import DATASET_FILE
+from models import contrastive
 from models.clip_score import ClipScorer
 from models.contrastive import MAX_LOGIT_SCALE, ContrastivePair, info_nce_loss, retrieval_recall
 from models.encoders import load_encoder
@@ -53,13 +54,26 @@ def test_temperature_starts_at_clip_value_is_learned_and_clamped():
     output = pair(torch.randn(6, 4), text_embeds=torch.randn(6, 3))
     output.loss.backward()
     assert pair.log_logit_scale.grad is not None and pair.log_logit_scale.grad.item() != 0  # learned
-    optimizer = torch.optim.SGD(pair.parameters(), lr=1.0)
     with torch.no_grad():
         pair.log_logit_scale.fill_(math.log(1000.0))
-    assert pair.logit_scale().item() == pytest.approx(MAX_LOGIT_SCALE)  # clamped at 100
-    optimizer.zero_grad()
+    pair.log_logit_scale.grad = None
     pair(torch.randn(6, 4), text_embeds=torch.randn(6, 3)).loss.backward()
-    assert pair.log_logit_scale.grad.item() == 0  # past the clamp, no gradient pushes it further
+    # Past the bound the scale still has a gradient: no clamp inside autograd leaves it stuck there.
+    assert pair.logit_scale().item() == pytest.approx(1000.0) and pair.log_logit_scale.grad.item() != 0
+    pair.clamp_logit_scale()  # after each optimizer step, as CLIP does
+    assert pair.logit_scale().item() == pytest.approx(MAX_LOGIT_SCALE)
+
+
+def test_a_temperature_past_the_bound_is_back_at_it_after_one_step(synthetic, tmp_path, monkeypatch):
+    """A scale that starts (or resumes) above 100 trains one step at its value and is then put back at 100;
+    a clamp inside autograd would hide it at 100 in the forward and leave the parameter there forever."""
+    monkeypatch.setattr(contrastive, "INITIAL_TEMPERATURE", 1 / 200)
+    run = tmp_path / "run"
+    train_clip.main(train_clip.parse_args(align_args(synthetic, run, "--epochs", "1")))
+    scales = [json.loads(line)["logit_scale"] for line in (run / "align_log.jsonl").read_text().splitlines()[:3]]
+    assert scales[0] == pytest.approx(200.0) and scales[1] == pytest.approx(MAX_LOGIT_SCALE)  # float32's 100
+    saved = torch.load(run / "align_latest.pt", weights_only=True)["model"]["log_logit_scale"]
+    assert saved.item() <= math.log(MAX_LOGIT_SCALE) + 1e-6  # and free to move below it again
 
 
 def brute_force_recall(similarity: torch.Tensor, text_image: list[int]) -> dict[str, float]:
