@@ -5,8 +5,9 @@ opens like any other. With the text tower frozen (the default) every caption is 
 
 The run's files, lock, resume checks, RNG states and step log are Stage 2's (stages/train_state.py), and
 so are the epoch order, the gradient step and torchrun's process group. Under torchrun each process takes
-its share of every epoch's images, the InfoNCE batch is all processes' batches together (CLIP's), and rank 0
-alone embeds the frozen captions, validates and writes, while the others wait."""
+its share of every epoch's images, the InfoNCE batch is all processes' batches together (CLIP's; an image
+repeated to pad the epoch counts once), and rank 0 alone embeds the frozen captions, validates and writes,
+while the others wait."""
 
 import argparse
 import math
@@ -259,7 +260,7 @@ class AlignmentTrainer:
             # negative, and a rank whose every image of the batch is unreadable has nothing to forward.
             batch_sizes = gather_counts(len(indices), self.context, self.device)
             if min(batch_sizes) > 0 and sum(batch_sizes) > 1:
-                stats = self.train_step(pixels, captions[indices], batch_sizes, epoch)
+                stats = self.train_step(pixels, indices, captions[indices], batch_sizes, epoch)
                 now = time.perf_counter()
                 stats["images_per_s"] = sum(batch_sizes) / (now - last)
                 last = now
@@ -307,20 +308,23 @@ class AlignmentTrainer:
             yield indices, pixels, []
 
     def train_step(
-        self, pixels: torch.Tensor, caption_ids: torch.Tensor, batch_sizes: list[int], epoch: int
+        self, pixels: torch.Tensor, indices: list[int], caption_ids: torch.Tensor, batch_sizes: list[int], epoch: int
     ) -> dict[str, float]:
-        """One optimizer step on (image, caption) pairs, every rank's `batch_sizes` of them together;
-        returns the loss (of all of them: the same on every rank), lr and scale."""
+        """One optimizer step on (image, caption) pairs, every rank's `batch_sizes` of them together (an image
+        of `indices` repeated on another rank counted once); returns the loss (of all of them: the same on
+        every rank), lr and scale."""
         lr = self.scheduler.get_last_lr()[0]
         pixels = pixels.to(self.device, non_blocking=True)
-        gathered = batch_sizes if self.context.enabled else None
+        gathered = {}  # one process: its batch alone, a permutation's slice (no image twice)
+        if self.context.enabled:
+            gathered = {"batch_sizes": batch_sizes, "image_ids": torch.tensor(indices, device=self.device)}
         with autocast(self.device, self.precision):
             if self.train_table is not None:
                 text = {"text_embeds": self.train_table[caption_ids].to(self.device)}
             else:
                 texts = [self.train_data.texts[index] for index in caption_ids.tolist()]
                 text = {"text_inputs": self.scorer.tokenize(texts)}
-            output = self.network(pixels, **text, batch_sizes=gathered)
+            output = self.network(pixels, **text, **gathered)
         loss = output.loss.detach().float()
         if not math.isfinite(loss.item()):
             raise InputError(
