@@ -15,7 +15,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from data.atomic import atomic_write
-from data.errors import InputError
+from data.errors import InputError, utf8
 from data.features import FEATURES_KEY, FeatureFile
 from data.store import CaptionTable
 
@@ -43,8 +43,8 @@ def captions_fingerprint(captions: Sequence[dict]) -> str:
     if isinstance(captions, CaptionTable):
         return captions.key
     digest = hashlib.sha256()
-    for caption in captions:
-        digest.update(caption["caption"].encode())
+    for number, caption in enumerate(captions):  # a pickle's texts come unchecked; a parquet store's are UTF-8
+        digest.update(utf8(caption["caption"], f"caption {number} (image_id {caption['image_id']!r})"))
         digest.update(b"\0")  # separator, so ["ab", "c"] and ["a", "bc"] differ
     return digest.hexdigest()[:16]
 

@@ -4,6 +4,7 @@ bad input as one line."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -297,6 +298,25 @@ def test_bad_input_is_one_line(synthetic, tmp_path, tiny_clip_dir, change, messa
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr and lines[-1].startswith("error: ") and message in lines[-1], lines[-1]
+
+
+def test_a_caption_with_a_lone_surrogate_is_one_line_naming_its_image(synthetic, tmp_path):
+    """JSON can escape half a surrogate pair ("\\ud800"), which is no text and has no UTF-8: alignment and
+    the extraction of its features (a pickle, or a store's parquet) refuse the file in one line naming the image."""
+    dataset = json.loads(synthetic["dataset"].read_text())
+    number = next(number for number, image in enumerate(dataset["images"]) if image["split"] == "train")
+    dataset["images"][number]["sentences"][1]["raw"] = "a red \ud800 circle"
+    broken = tmp_path / DATASET_FILE
+    broken.write_text(json.dumps(dataset))  # as the escape \ud800, valid JSON
+    message = re.escape(f"{broken}: images[{number}]: caption holds a lone surrogate '\\ud800' at character 6")
+    with pytest.raises(InputError, match=message):
+        train_clip.main(train_clip.parse_args(align_args(synthetic, tmp_path / "run", dataset=broken)))
+    for output_format, output in (("pickle", tmp_path / "train.pkl"), ("shards", tmp_path / "train_store")):
+        flags = ["--clip_model_type", str(synthetic["clip"]), "--coco_images_dir", str(synthetic["images"])]
+        flags += ["--captions_file", str(broken), "--split", "train", "--output_file", str(output)]
+        with pytest.raises(InputError, match=message):
+            parse_coco_clip.main(parse_coco_clip.parse_args([*flags, "--output_format", output_format]))
+        assert not output.exists()
 
 
 def test_resnet50_without_its_weights_offline_is_one_line(synthetic, tmp_path, monkeypatch):
