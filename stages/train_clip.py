@@ -124,6 +124,8 @@ class AlignmentTrainer:
 
         self.main_work = main_work_group(context)  # the other ranks wait there while rank 0 works alone
         self.scorer = ClipScorer(args.text_encoder, device, args.eval_batch_size, purpose="--text_encoder")
+        for data in (self.train_data, self.val_data):
+            data.check_tokens(self.scorer.tokenizer)
         text_dim = self.scorer.model.config.projection_dim
         torch.manual_seed(args.seed)  # the projection head's (and a random tower's) initial weights
         self.image_encoder, self.preprocess_settings = build_image_side(args, text_dim)

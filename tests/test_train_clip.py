@@ -319,6 +319,21 @@ def test_a_caption_with_a_lone_surrogate_is_one_line_naming_its_image(synthetic,
         assert not output.exists()
 
 
+def test_empty_captions_are_refused_as_train_py_refuses_them(synthetic, tmp_path):
+    """Every caption "": nothing to align the images to. Refused before anything is trained or written, in
+    the words train.py uses for captions that tokenize to nothing."""
+    dataset = json.loads(synthetic["dataset"].read_text())
+    for image in dataset["images"]:
+        for sentence in image["sentences"]:
+            sentence["raw"] = ""
+    empty = tmp_path / DATASET_FILE
+    empty.write_text(json.dumps(dataset))
+    message = f"tokenizer '{synthetic['clip']}' turns 120 of 120 captions into no tokens; the captions are empty"
+    with pytest.raises(InputError, match=re.escape(message)):
+        train_clip.main(train_clip.parse_args(align_args(synthetic, tmp_path / "run", dataset=empty)))
+    assert not (tmp_path / "run" / "encoder").exists() and not (tmp_path / "run" / "align_latest.pt").exists()
+
+
 def test_resnet50_without_its_weights_offline_is_one_line(synthetic, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache: a download would be needed
     import urllib.request
