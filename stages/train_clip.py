@@ -30,6 +30,7 @@ from data.embedding_cache import texts_fingerprint
 from data.errors import InputError
 from data.images import ImageDataset, collate_images
 from models.aligned import AlignedImageEncoder, save_aligned_encoder
+from models.checkpoint import first_line
 from models.clip_score import ClipScorer
 from models.contrastive import ContrastivePair, retrieval_recall
 from models.device import autocast, resolve_precision
@@ -50,6 +51,8 @@ from stages.train import apply_gradients, epoch_order
 from stages.train_state import (
     RunFiles,
     StepLog,
+    check_counters,
+    check_optimizer_state,
     check_same_runtime,
     gather_rng_states,
     read_resume_checkpoint,
@@ -79,6 +82,8 @@ TRAJECTORY = (
     "max_grad_norm",
 )
 SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}
+RECALL_COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "R@sum")
+HISTORY_FIELDS = ("epoch", "step", *RECALL_COLUMNS)  # what retrieval.json and the table read of an epoch
 
 
 class EncoderView(nn.Module):
@@ -207,7 +212,8 @@ class AlignmentTrainer:
                 )
 
     def _restore(self, checkpoint: dict, source: Path) -> None:
-        if checkpoint["position"].get("data") != self.position["data"]:
+        position = checkpoint["position"]
+        if position.get("data") != self.position["data"]:
             raise InputError(f"--resume {source}: the training images or captions differ from the saved run's")
         try:
             self.model.load_state_dict(checkpoint["model"])
@@ -215,12 +221,44 @@ class AlignmentTrainer:
             raise InputError(
                 f"--resume {source}: the weights do not fit this model ({str(error).splitlines()[0]})"
             ) from None
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.position = dict(checkpoint["position"])
-        restore_rng_state(checkpoint["rng"], self.device, self.context)
+        if not self.weights_finite():
+            raise InputError(f"--resume {source}: the saved weights are not finite")
+        try:  # each raises its own type at a tampered entry
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            if checkpoint.get("scaler"):
+                self.scaler.load_state_dict(checkpoint["scaler"])
+            restore_rng_state(checkpoint["rng"], self.device, self.context)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
+            raise InputError(
+                f"--resume {source}: the optimizer, schedule or RNG state do not fit this run ({first_line(error)})"
+            ) from None
+        check_optimizer_state(self.optimizer, source)
+        check_counters(position, source, self.args.epochs, self.steps_per_epoch)  # after the process count's check
+        self._check_records(position, source)
+        self.position = dict(position)
+
+    def _check_records(self, position: dict, source: Path) -> None:
+        """The saved recalls and skipped images are what this run writes (retrieval.json reads them)."""
+        history, skipped = position.get("history"), position.get("skipped")
+        fits = {
+            "best_rsum": position.get("best_rsum") is None or is_number(position["best_rsum"]),
+            "history": isinstance(history, list)
+            and all(
+                isinstance(record, dict) and all(map(is_number, map(record.get, HISTORY_FIELDS))) for record in history
+            ),
+            "skipped": isinstance(skipped, dict)
+            and all(isinstance(item, str) for item in (*skipped, *skipped.values())),
+        }
+        for name, fit in fits.items():
+            if not fit:
+                raise InputError(
+                    f"--resume {source}: the saved position is damaged ({name} {position.get(name)!r:.60})"
+                )
+
+    def weights_finite(self) -> bool:
+        """Whether every trained weight is finite."""
+        return bool(torch.stack([parameter.isfinite().all() for parameter in self.trainable]).all())
 
     def fit(self) -> dict:
         """Train the remaining epochs; returns the retrieval record (every epoch, and the best)."""
@@ -374,7 +412,7 @@ class AlignmentTrainer:
 
     def end_epoch(self, epoch: int) -> None:
         """Validation recall, retrieval.json, the best encoder, skipped images; then the resume checkpoint."""
-        if not bool(torch.stack([parameter.isfinite().all() for parameter in self.trainable]).all()):
+        if not self.weights_finite():
             raise InputError(f"the weights are not finite after epoch {epoch}; nothing saved. Try a lower --lr")
         for share in gather_objects(self.position["skipped"], self.context):  # each rank met its own images'
             self.position["skipped"].update(share)
@@ -437,11 +475,15 @@ class AlignmentTrainer:
         )
 
 
+def is_number(value: object) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def format_recall_row(record: dict, header: bool = False) -> str:
     """One epoch's recalls as a table row (with the header line when asked)."""
-    names = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "R@sum"]
-    row = f"{record['epoch']:>5} " + " ".join(f"{record[name]:>8.1f}" for name in names)
-    return (f"{'epoch':>5} " + " ".join(f"{name:>8}" for name in names) + "\n" + row) if header else row
+    row = f"{record['epoch']:>5} " + " ".join(f"{record[name]:>8.1f}" for name in RECALL_COLUMNS)
+    return (f"{'epoch':>5} " + " ".join(f"{name:>8}" for name in RECALL_COLUMNS) + "\n" + row) if header else row
 
 
 def format_retrieval_table(retrieval: dict) -> str:

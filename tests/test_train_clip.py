@@ -5,8 +5,10 @@ bad input as one line."""
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from models.clip_score import ClipScorer
 from models.contrastive import MAX_LOGIT_SCALE, ContrastivePair, info_nce_loss, retrieval_recall
 from models.encoders import load_encoder
 from stages.train_clip import AlignmentTrainer
+from tests.test_training import crash_at_step
 
 REPO = Path(__file__).resolve().parents[1]
 RECALL_NAMES = [f"{way}_R@{k}" for way in ("i2t", "t2i") for k in (1, 5, 10)]
@@ -124,6 +127,10 @@ def test_a_constant_encoder_scores_zero_not_full_recall():
     assert recall["i2t_R@10"] == 0 and recall["t2i_R@10"] == 0  # ties count against
 
 
+def read_log(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "align_log.jsonl").read_text().splitlines()]
+
+
 def align_args(synthetic: dict, out_dir: Path, *extra: str, dataset: Path | None = None) -> list[str]:
     return [
         *("--captions_file", str(dataset or synthetic["dataset"]), "--images_dir", str(synthetic["images"])),
@@ -218,39 +225,94 @@ def test_frozen_text_embeddings_are_cached_and_a_changed_caption_misses(syntheti
     assert calls == [24 * 5]  # the training captions changed; the validation ones came from the cache
 
 
-class Interrupted(Exception):
-    """Stands for a killed job between two epochs."""
-
-
-def test_resume_reaches_the_encoder_of_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
+@pytest.mark.parametrize("crash_step, resume_point", [(4, (3, 1, 0)), (6, (4, 1, 1))])
+def test_resume_reaches_the_encoder_of_an_uninterrupted_run(synthetic, tmp_path, monkeypatch, crash_step, resume_point):
+    """Killed between epochs (its end-of-epoch checkpoint) or within one (--save_latest_every 2's), then
+    resumed: the weights, recalls and log of a run that was never stopped."""
     train_clip.main(train_clip.parse_args(align_args(synthetic, tmp_path / "straight")))
-    original = AlignmentTrainer.train_epoch
-
-    def crash_in_epoch_one(self, epoch):
-        if epoch == 1:
-            raise Interrupted
-        original(self, epoch)
-
-    monkeypatch.setattr(AlignmentTrainer, "train_epoch", crash_in_epoch_one)
-    with pytest.raises(Interrupted):
-        train_clip.main(train_clip.parse_args(align_args(synthetic, tmp_path / "resumed")))
-    monkeypatch.undo()
-    train_clip.main(
-        train_clip.parse_args(align_args(synthetic, tmp_path / "resumed", "--resume", str(tmp_path / "resumed")))
-    )
+    resumed_dir = tmp_path / "resumed"
+    args = align_args(synthetic, resumed_dir, "--save_latest_every", "2")
+    crash_at_step(monkeypatch, AlignmentTrainer, crash_step, args, train_clip)
+    position = torch.load(resumed_dir / "align_latest.pt", weights_only=True)["position"]
+    assert (position["step"], position["epoch"], position["batch_in_epoch"]) == resume_point
+    train_clip.main(train_clip.parse_args([*args, "--resume", str(resumed_dir)]))
     straight = torch.load(tmp_path / "straight" / "align_latest.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "align_latest.pt", weights_only=True)
+    resumed = torch.load(resumed_dir / "align_latest.pt", weights_only=True)
     assert all(torch.equal(straight["model"][name], resumed["model"][name]) for name in straight["model"])
     straight_recall, resumed_recall = (
         json.loads((tmp_path / run / "retrieval.json").read_text()) for run in ("straight", "resumed")
     )
     assert straight_recall["epochs"] == resumed_recall["epochs"] and len(resumed_recall["epochs"]) == 2
+    straight_log, resumed_log = (
+        [
+            {name: value for name, value in record.items() if name != "images_per_s"}
+            for record in read_log(tmp_path / run)
+        ]
+        for run in ("straight", "resumed")
+    )
+    assert resumed_log == straight_log and [record["step"] for record in resumed_log if "loss" in record] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
     with pytest.raises(InputError, match="lr is 0.01 here but 0.001 in the saved run"):
-        train_clip.main(
-            train_clip.parse_args(
-                align_args(synthetic, tmp_path / "resumed", "--resume", str(tmp_path / "resumed"), "--lr", "1e-2")
-            )
-        )
+        train_clip.main(train_clip.parse_args([*args, "--resume", str(resumed_dir), "--lr", "1e-2"]))
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(synthetic, tmp_path_factory) -> Path:
+    """An alignment run killed in its second epoch: align_latest.pt from step 4, mid-epoch."""
+    run = tmp_path_factory.mktemp("interrupted") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        args = align_args(synthetic, run, "--save_latest_every", "2")
+        crash_at_step(monkeypatch, AlignmentTrainer, 6, args, train_clip)
+    return run
+
+
+def first_group_only(checkpoint: dict) -> None:
+    checkpoint["optimizer"]["param_groups"].pop()
+
+
+def wrong_moment_shape(checkpoint: dict) -> None:
+    checkpoint["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+
+
+def not_finite(checkpoint: dict) -> None:
+    checkpoint["model"]["log_logit_scale"].fill_(math.nan)
+
+
+def position(**changes) -> Callable[[dict], None]:
+    return lambda checkpoint: checkpoint["position"].update(changes)
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        pytest.param(position(data="0" * 16), "the training images or captions differ", id="another run's data"),
+        pytest.param(lambda c: c.update(options=["lr"]), "not a resumable checkpoint (options is list", id="options"),
+        pytest.param(position(step="4"), "the saved position is damaged (step '4')", id="step"),
+        pytest.param(position(batch_in_epoch=-2), "damaged (batch_in_epoch -2)", id="batch_in_epoch"),
+        pytest.param(position(epoch=7), "damaged (epoch 7)", id="epoch past --epochs"),
+        pytest.param(lambda c: c["position"]["history"][0].pop("R@sum"), "damaged (history", id="history"),
+        pytest.param(position(skipped=["x"]), "damaged (skipped", id="skipped"),
+        pytest.param(first_group_only, "RNG state do not fit this run (loaded state dict has a", id="param groups"),
+        pytest.param(wrong_moment_shape, "state of a (8, 3, 4, 4)-shaped parameter is (3,)-shaped", id="moment shape"),
+        pytest.param(lambda c: c["rng"][0].update(cpu=torch.zeros(3)), "RNG state do not fit", id="rng"),
+        pytest.param(lambda c: c.update(scheduler={"last_epoch": "x"}), "RNG state do not fit", id="scheduler"),
+        pytest.param(not_finite, "the saved weights are not finite", id="weights"),
+    ],
+)
+def test_a_tampered_resume_checkpoint_is_one_line(synthetic, interrupted_run, tmp_path, tamper, message):
+    run = tmp_path / "run"
+    shutil.copytree(interrupted_run, run)
+    checkpoint = torch.load(run / "align_latest.pt", weights_only=True)
+    tamper(checkpoint)
+    torch.save(checkpoint, run / "align_latest.pt")
+    with pytest.raises(InputError, match=re.escape(str(run / "align_latest.pt")) + ".*" + re.escape(message)):
+        train_clip.main(train_clip.parse_args(align_args(synthetic, run, "--resume", str(run))))
 
 
 def test_an_existing_run_needs_resume_or_overwrite(synthetic, tmp_path):
@@ -263,8 +325,6 @@ def test_an_existing_run_needs_resume_or_overwrite(synthetic, tmp_path):
 def test_unreadable_images_are_skipped_and_reported(synthetic, tmp_path):
     dataset = json.loads(synthetic["dataset"].read_text())
     broken = tmp_path / "images"
-    import shutil
-
     shutil.copytree(synthetic["images"], broken)
     train_image = next(image for image in dataset["images"] if image["split"] == "train")
     (broken / train_image["filepath"] / train_image["filename"]).write_bytes(b"not a jpeg")
@@ -388,7 +448,9 @@ def test_a_config_declaring_a_huge_head_is_refused_before_it_is_built(tmp_path, 
     }  # fmt: skip
     save_aligned_encoder(tmp_path / "encoder", AlignedImageEncoder(AlignedConfig.from_dict(values, "test")))
     config_file = tmp_path / "encoder" / "config.json"
-    config_file.write_text(json_module.dumps({**json_module.loads(config_file.read_text()), "projection_hidden": 20_000}))
+    config_file.write_text(
+        json_module.dumps({**json_module.loads(config_file.read_text()), "projection_hidden": 20_000})
+    )
     head_devices = []
     original_head = aligned.projection_head
 

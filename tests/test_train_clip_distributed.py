@@ -16,7 +16,7 @@ import train_clip
 from data.synthetic import DATASET_FILE
 from models.encoders import load_encoder
 from tests.conftest import run_torchrun
-from tests.test_train_clip import RECALL_NAMES, align_args
+from tests.test_train_clip import RECALL_NAMES, align_args, read_log
 
 # train_clip.py stopped at the start of its second epoch, as a job killed between epochs.
 STOPPED_IN_EPOCH_ONE = """
@@ -31,10 +31,6 @@ def train_epoch(self, epoch):
 AlignmentTrainer.train_epoch = train_epoch
 train_clip.main(train_clip.parse_args(sys.argv[1:]))
 """
-
-
-def read_log(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "align_log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture
