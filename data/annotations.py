@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.errors import InputError, read_json_input
+from data.errors import InputError, read_json_input, utf8
 
 KARPATHY_SPLITS = {
     "train": ("train",),
@@ -94,6 +94,7 @@ def _as_image_id(value: Any, where: str) -> int:
 def _caption(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise InputError(f"{where}: caption is {type(value).__name__}, expected a string")
+    utf8(value, f"{where}: caption")  # every stage hashes, tokenizes or writes it as UTF-8
     return value
 
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from data.atomic import atomic_write
-from data.errors import InputError
+from data.errors import InputError, utf8
 from data.features import FEATURES_KEY, FeatureFile
 from data.store import CaptionTable
 
@@ -43,8 +43,8 @@ def captions_fingerprint(captions: Sequence[dict]) -> str:
     if isinstance(captions, CaptionTable):
         return captions.key
     digest = hashlib.sha256()
-    for caption in captions:
-        digest.update(caption["caption"].encode())
+    for number, caption in enumerate(captions):  # a pickle's texts come unchecked; a parquet store's are UTF-8
+        digest.update(utf8(caption["caption"], f"caption {number} (image_id {caption['image_id']!r})"))
         digest.update(b"\0")  # separator, so ["ab", "c"] and ["a", "bc"] differ
     return digest.hexdigest()[:16]
 
@@ -99,13 +99,14 @@ def drop_long_captions(features: FeatureFile, max_chars: int) -> tuple[FeatureFi
     return replace(features, captions=kept), len(captions) - len(kept)
 
 
-def check_captions_have_tokens(tokenized: "TokenizedCaptions", tokenizer: PreTrainedTokenizerBase) -> None:
-    """Refuse a tokenizer that turns most captions into nothing: the model would learn to say EOS alone."""
-    empty = int((tokenized.lengths() == 1).sum())  # EOS alone
-    if empty > len(tokenized) / 2:
+def check_captions_have_tokens(token_counts: torch.Tensor, tokenizer: PreTrainedTokenizerBase, model: str) -> None:
+    """Refuse captions most of which `tokenizer` turns into nothing, token_counts (M,) not counting special
+    tokens: `model` (the LM, a text tower) would learn from no text (the LM to say EOS alone)."""
+    empty = int((token_counts == 0).sum())
+    if empty > token_counts.numel() / 2:
         raise InputError(
-            f"tokenizer {tokenizer.name_or_path!r} turns {empty} of {len(tokenized)} captions into no tokens; "
-            "its vocabulary did not load, or it is not the LM's tokenizer"
+            f"tokenizer {tokenizer.name_or_path!r} turns {empty} of {token_counts.numel()} captions into no tokens; "
+            f"the captions are empty, its vocabulary did not load, or it is not the {model}'s tokenizer"
         )
 
 
@@ -156,7 +157,7 @@ def load_or_tokenize(
     if cached is not None:
         return cached  # checked by check_captions_have_tokens before it was cached
     tokenized = tokenize_captions(captions, tokenizer, progress)
-    check_captions_have_tokens(tokenized, tokenizer)
+    check_captions_have_tokens(tokenized.lengths() - 1, tokenizer, "LM")  # EOS not counted
     tokenized.key = key
     if write_cache:  # each file atomically; both must be there and agree to be used
         for suffix, array in ((".tokens.npy", tokenized.tokens), (".offsets.npy", tokenized.offsets)):

@@ -1,5 +1,5 @@
 """One exception for bad input, shown to the user as a single line (and `first_line`, which makes one of
-another exception), and a JSON reader that raises it."""
+another exception), a JSON reader and a UTF-8 encoder that raise it."""
 
 import errno
 import json
@@ -54,3 +54,15 @@ def read_json_input(path: str | os.PathLike, kind: str) -> Any:
         raise InputError(f"{path}: not valid JSON ({error})") from None
     except RecursionError:  # the parser recurses once per nesting level
         raise InputError(f"{path}: JSON nested too deeply to be a {kind}") from None
+
+
+def utf8(text: str, where: str) -> bytes:
+    """`text` in UTF-8. A lone surrogate (JSON's escape "\\ud800" parses to one, and a pickle keeps it) is no
+    text and has no UTF-8 (hashing, tokenizing or writing parquet would fail): an InputError naming `where`."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as error:
+        raise InputError(
+            f"{where} holds a lone surrogate {text[error.start]!r} at character {error.start}, which is no text "
+            "(UTF-8 has no encoding for it); fix or remove it"
+        ) from None

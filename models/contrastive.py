@@ -53,6 +53,14 @@ def gather_batches(rows: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, batch_sizes)])
 
 
+def first_occurrences(ids: torch.Tensor) -> torch.Tensor:
+    """(K,) the position of each distinct value's first occurrence in `ids` (N,), in order."""
+    first: dict[int, int] = {}
+    for position, value in enumerate(ids.tolist()):
+        first.setdefault(value, position)
+    return torch.tensor(list(first.values()), device=ids.device)
+
+
 @dataclass
 class ContrastiveOutput:
     """What a contrastive step returns: the loss and the temperature it used."""
@@ -72,8 +80,14 @@ class ContrastivePair(nn.Module):
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / INITIAL_TEMPERATURE)))
 
     def logit_scale(self) -> torch.Tensor:
-        """exp of the learned parameter, clamped at MAX_LOGIT_SCALE (no gradient past the clamp)."""
-        return self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        """exp of the learned parameter, unclamped: a clamp here would have no gradient past the bound, and
+        a scale that crossed it would stay there. clamp_logit_scale bounds it after each step instead."""
+        return self.log_logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Put the temperature back within MAX_LOGIT_SCALE, in place: CLIP's, after each optimizer step."""
+        self.log_logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
 
     def forward(
         self,
@@ -81,9 +95,11 @@ class ContrastivePair(nn.Module):
         text_embeds: torch.Tensor | None = None,
         text_inputs: dict | None = None,
         batch_sizes: list[int] | None = None,
+        image_ids: torch.Tensor | None = None,
     ) -> ContrastiveOutput:
         """The loss of a batch of (image, caption) pairs: the caption's embedding given, or its tokens. With
-        `batch_sizes` (every torchrun process's number of pairs, this one's included), the loss of them all."""
+        `batch_sizes` (every torchrun process's number of pairs, this one's included), the loss of them all,
+        each image of `image_ids` (B,) counted once."""
         image_embeds = self.image_encoder(pixels)  # (B, D)
         if text_embeds is None:
             text_embeds = self.text_encoder(**text_inputs)  # (B, D), with gradients into the text tower
@@ -93,6 +109,11 @@ class ContrastivePair(nn.Module):
             # own rows and DDP averages the weights' gradients, so a step equals one process's on the whole.
             pairs = gather_batches(torch.cat((image_embeds.float(), text_embeds.float()), dim=1), batch_sizes)
             image_embeds, text_embeds = pairs.split([image_embeds.shape[1], text_embeds.shape[1]], dim=1)
+            # DistributedSampler pads an epoch that does not share evenly with images repeated from its
+            # start; when they meet in one step, the copy (the same caption too) is the image's own
+            # negative. Keeping the first leaves the step one process's on the distinct images.
+            keep = first_occurrences(gather_batches(image_ids[:, None], batch_sizes)[:, 0])
+            image_embeds, text_embeds = image_embeds[keep], text_embeds[keep]
         scale = self.logit_scale()
         return ContrastiveOutput(info_nce_loss(image_embeds, text_embeds, scale), scale.detach())
 

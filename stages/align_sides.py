@@ -12,10 +12,11 @@ from urllib.error import URLError
 
 import torch
 from torchvision.models import ResNet50_Weights, resnet50
+from transformers import PreTrainedTokenizerBase
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from data.annotations import ImageRecord, read_annotations
-from data.captions import tokenizer_fingerprint
+from data.captions import check_captions_have_tokens, tokenizer_fingerprint
 from data.embedding_cache import cache_path, read_cached_embeddings, write_cached_embeddings
 from data.errors import InputError
 from models.aligned import RESNET50_WIDTH, AlignedConfig, AlignedImageEncoder, HubTower, ResNetTower, TinyCNN
@@ -117,6 +118,16 @@ class CaptionedImages:
             offsets.append(offsets[-1] + len(record.captions))
         texts = [caption for record in records for caption in record.captions]
         return cls(records, [Path(images_dir) / record.file_path for record in records], texts, offsets)
+
+    def check_tokens(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Refuse captions most of which tokenize to nothing (all empty), as train.py refuses its own."""
+        chunk = 10_000  # COCO's 600k captions at once would hold every one's encoding in memory
+        counts = [
+            len(ids)
+            for start in range(0, len(self.texts), chunk)
+            for ids in tokenizer(self.texts[start : start + chunk], add_special_tokens=False)["input_ids"]
+        ]
+        check_captions_have_tokens(torch.tensor(counts, dtype=torch.int64), tokenizer, "text tower")
 
     def caption_image(self) -> torch.Tensor:
         """(M,) the image index of each caption."""

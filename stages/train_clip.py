@@ -5,8 +5,9 @@ opens like any other. With the text tower frozen (the default) every caption is 
 
 The run's files, lock, resume checks, RNG states and step log are Stage 2's (stages/train_state.py), and
 so are the epoch order, the gradient step and torchrun's process group. Under torchrun each process takes
-its share of every epoch's images, the InfoNCE batch is all processes' batches together (CLIP's), and rank 0
-alone embeds the frozen captions, validates and writes, while the others wait."""
+its share of every epoch's images, the InfoNCE batch is all processes' batches together (CLIP's; an image
+repeated to pad the epoch counts once), and rank 0 alone embeds the frozen captions, validates and writes,
+while the others wait."""
 
 import math
 import os
@@ -50,10 +51,12 @@ from stages.train_state import (
     RunFiles,
     RunPosition,
     StepLog,
+    check_counters,
     check_same_runtime,
     gather_rng_states,
+    is_number,
     read_resume_checkpoint,
-    restore_rng_state,
+    restore_training_state,
     resume_path,
     runtime_record,
 )
@@ -78,6 +81,8 @@ TRAJECTORY = (
     "cnn_stem",
     "max_grad_norm",
 )
+RECALL_COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "R@sum")
+HISTORY_FIELDS = ("epoch", "step", *RECALL_COLUMNS)  # what retrieval.json and the table read of an epoch
 
 
 class EncoderView(nn.Module):
@@ -123,6 +128,8 @@ class AlignmentTrainer:
 
         self.main_work = main_work_group(context)  # the other ranks wait there while rank 0 works alone
         self.scorer = ClipScorer(args.text_encoder, device, args.eval_batch_size, purpose="--text_encoder")
+        for data in (self.train_data, self.val_data):
+            data.check_tokens(self.scorer.tokenizer)
         text_dim = self.scorer.model.config.projection_dim
         torch.manual_seed(args.seed)  # the projection head's (and a random tower's) initial weights
         self.image_encoder, self.preprocess_settings = build_image_side(args, text_dim)
@@ -207,12 +214,20 @@ class AlignmentTrainer:
             raise InputError(
                 f"--resume {source}: the weights do not fit this model ({str(error).splitlines()[0]})"
             ) from None
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
+        if not self.weights_finite():
+            raise InputError(f"--resume {source}: the saved weights are not finite")
+        restore_training_state(checkpoint, source, self.optimizer, self.scheduler, self.scaler, self.device, self.context)
+        check_counters(saved, source, self.args.epochs, self.steps_per_epoch)  # after the process count's check
+        history_fits = all(
+            isinstance(record, dict) and all(map(is_number, map(record.get, HISTORY_FIELDS))) for record in saved.history
+        )
+        if not history_fits:  # retrieval.json and the recall table read these
+            raise InputError(f"--resume {source}: the saved position is damaged (history {saved.history!r:.60})")
         self.position = saved
-        restore_rng_state(checkpoint["rng"], self.device, self.context)
+
+    def weights_finite(self) -> bool:
+        """Whether every trained weight is finite."""
+        return bool(torch.stack([parameter.isfinite().all() for parameter in self.trainable]).all())
 
     def fit(self) -> dict:
         """Train the remaining epochs; returns the retrieval record (every epoch, and the best)."""
@@ -254,7 +269,7 @@ class AlignmentTrainer:
             # negative, and a rank whose every image of the batch is unreadable has nothing to forward.
             batch_sizes = gather_counts(len(indices), self.context, self.device)
             if min(batch_sizes) > 0 and sum(batch_sizes) > 1:
-                stats = self.train_step(pixels, captions[indices], batch_sizes, epoch)
+                stats = self.train_step(pixels, indices, captions[indices], batch_sizes, epoch)
                 now = time.perf_counter()
                 stats["images_per_s"] = sum(batch_sizes) / (now - last)
                 last = now
@@ -302,20 +317,23 @@ class AlignmentTrainer:
             yield indices, pixels, []
 
     def train_step(
-        self, pixels: torch.Tensor, caption_ids: torch.Tensor, batch_sizes: list[int], epoch: int
+        self, pixels: torch.Tensor, indices: list[int], caption_ids: torch.Tensor, batch_sizes: list[int], epoch: int
     ) -> dict[str, float]:
-        """One optimizer step on (image, caption) pairs, every rank's `batch_sizes` of them together;
-        returns the loss (of all of them: the same on every rank), lr and scale."""
+        """One optimizer step on (image, caption) pairs, every rank's `batch_sizes` of them together (an image
+        of `indices` repeated on another rank counted once); returns the loss (of all of them: the same on
+        every rank), lr and scale."""
         lr = self.scheduler.get_last_lr()[0]
         pixels = pixels.to(self.device, non_blocking=True)
-        gathered = batch_sizes if self.context.enabled else None
+        gathered = {}  # one process: its batch alone, a permutation's slice (no image twice)
+        if self.context.enabled:
+            gathered = {"batch_sizes": batch_sizes, "image_ids": torch.tensor(indices, device=self.device)}
         with autocast(self.device, self.precision):
             if self.train_table is not None:
                 text = {"text_embeds": self.train_table[caption_ids].to(self.device)}
             else:
                 texts = [self.train_data.texts[index] for index in caption_ids.tolist()]
                 text = {"text_inputs": self.scorer.tokenize(texts)}
-            output = self.network(pixels, **text, batch_sizes=gathered)
+            output = self.network(pixels, **text, **gathered)
         loss = output.loss.detach().float()
         if not math.isfinite(loss.item()):
             raise InputError(
@@ -324,6 +342,7 @@ class AlignmentTrainer:
         apply_gradients(
             output.loss, self.trainable, self.optimizer, self.scheduler, self.scaler, self.args.max_grad_norm
         )
+        self.model.clamp_logit_scale()
         self.position.step += 1
         return {"loss": loss.item(), "lr": lr, "logit_scale": output.logit_scale.item()}
 
@@ -362,7 +381,7 @@ class AlignmentTrainer:
 
     def end_epoch(self, epoch: int) -> None:
         """Validation recall, retrieval.json, the best encoder, skipped images; then the resume checkpoint."""
-        if not bool(torch.stack([parameter.isfinite().all() for parameter in self.trainable]).all()):
+        if not self.weights_finite():
             raise InputError(f"the weights are not finite after epoch {epoch}; nothing saved. Try a lower --lr")
         for share in gather_objects(self.position.skipped, self.context):  # each rank met its own images'
             self.position.skipped.update(share)
@@ -427,9 +446,8 @@ class AlignmentTrainer:
 
 def format_recall_row(record: dict, header: bool = False) -> str:
     """One epoch's recalls as a table row (with the header line when asked)."""
-    names = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "R@sum"]
-    row = f"{record['epoch']:>5} " + " ".join(f"{record[name]:>8.1f}" for name in names)
-    return (f"{'epoch':>5} " + " ".join(f"{name:>8}" for name in names) + "\n" + row) if header else row
+    row = f"{record['epoch']:>5} " + " ".join(f"{record[name]:>8.1f}" for name in RECALL_COLUMNS)
+    return (f"{'epoch':>5} " + " ".join(f"{name:>8}" for name in RECALL_COLUMNS) + "\n" + row) if header else row
 
 
 def format_retrieval_table(retrieval: dict) -> str:

@@ -181,14 +181,55 @@ def resume_path(resume: str, prefix: str) -> Path:
     return path
 
 
+# What a `_latest.pt` holds, and of which type (a tampered one fails where it is first used, mid-run).
+RESUME_KEYS = {
+    "config": dict,
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "position": dict,
+    "options": dict,
+    "rng": list,
+}
+
+
 def read_resume_checkpoint(path: Path) -> dict[str, Any]:
     """A `_latest.pt` with everything needed to continue; anything else is one InputError line."""
     checkpoint = read_checkpoint(path)
-    needed = ("config", "model", "optimizer", "scheduler", "position", "options", "rng")
-    missing = [key for key in needed if not isinstance(checkpoint, dict) or key not in checkpoint]
+    missing = [key for key in RESUME_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise InputError(f"{path}: not a resumable checkpoint (lacks {', '.join(missing)}); use a {{prefix}}_latest.pt")
+    for key, kind in RESUME_KEYS.items():
+        if not isinstance(checkpoint[key], kind):
+            raise InputError(
+                f"{path}: not a resumable checkpoint ({key} is {type(checkpoint[key]).__name__}, "
+                f"not {kind.__name__}); use a {{prefix}}_latest.pt"
+            )
     return checkpoint
+
+
+def check_counters(position: dict[str, Any], source: Path, epochs: int, steps_per_epoch: int) -> None:
+    """The saved step, epoch and batch within it are counts this run can reach (a tampered one would skip
+    or repeat batches, or fail mid-run)."""
+    limits = {"step": None, "epoch": epochs, "batch_in_epoch": steps_per_epoch - 1}
+    for name, limit in limits.items():
+        value = position.get(name)
+        if type(value) is not int or value < 0 or (limit is not None and value > limit):
+            raise InputError(f"--resume {source}: the saved position is damaged ({name} {value!r:.60})")
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, source: Path) -> None:
+    """Every loaded moment is a tensor of its parameter's shape: load_state_dict does not look, and the
+    first step would fail on a tampered one."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for value in optimizer.state.get(parameter, {}).values():
+                if not isinstance(value, torch.Tensor) or (value.dim() > 0 and value.shape != parameter.shape):
+                    found = f"{tuple(value.shape)}-shaped" if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise InputError(
+                        f"--resume {source}: the optimizer's state of a {tuple(parameter.shape)}-shaped "
+                        f"parameter is {found}"
+                    )
 
 
 def check_same_run(checkpoint: dict[str, Any], source: Path, config: CaptionerConfig, options: dict[str, Any]) -> None:

@@ -1,17 +1,22 @@
-"""The caption dataset: tokenization with EOS, the token cache, per-batch padding, no mutation."""
+"""The caption dataset: tokenization with EOS, the token cache, per-batch padding, no mutation, and a
+caption that is no text refused in one line."""
+
+import re
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 import data.captions as captions_module
+import train
 from data.captions import (
     CaptionCollator,
     build_caption_dataset,
     default_cache_dir,
     load_or_tokenize,
 )
-from data.features import FeatureFile
+from data.errors import InputError
+from data.features import FeatureFile, write_feature_file
 from models.checkpoint import load_tokenizer
 from models.tiny import train_tokenizer
 from tests.conftest import TOKENIZER_TEXTS
@@ -110,3 +115,15 @@ def test_reading_items_changes_nothing(tokenizer, tmp_path):
     assert sum(int(mask.sum()) for _, mask in epochs[0]) == sum(int(mask.sum()) for _, mask in epochs[1])
     after = (dataset.embeddings, dataset.tokenized.tokens, dataset.tokenized.offsets)
     assert all(torch.equal(old, new) for old, new in zip(before, after))
+
+
+def test_a_lone_surrogate_caption_is_one_line_from_train(tmp_path, tiny_gpt2_dir):
+    """A pickle keeps a caption holding half a surrogate pair (JSON's "\\ud800"), which has no UTF-8: train.py
+    refuses it in one line naming the caption and its image, not with a UnicodeEncodeError traceback."""
+    data = tmp_path / "train.pkl"
+    write_feature_file(data, feature_file([*TEXTS[:3], "a red \ud800 circle"]))
+    args = ["--data", str(data), "--out_dir", str(tmp_path / "run"), "--gpt2", str(tiny_gpt2_dir)]
+    args += ["--cache_dir", str(tmp_path / "cache"), "--bs", "2", "--device", "cpu"]
+    message = re.escape("caption 3 (image_id 1) holds a lone surrogate '\\ud800' at character 6")
+    with pytest.raises(InputError, match=message):
+        train.main(train.parse_args(args))

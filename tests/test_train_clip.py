@@ -4,8 +4,11 @@ bad input as one line."""
 
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,10 +24,12 @@ from data.annotations import read_annotations
 from data.errors import InputError
 from data.features import read_feature_file
 from data.synthetic import DATASET_FILE
+from models import contrastive
 from models.clip_score import ClipScorer
 from models.contrastive import MAX_LOGIT_SCALE, ContrastivePair, info_nce_loss, retrieval_recall
 from models.encoders import load_encoder
 from stages.train_clip import AlignmentTrainer
+from tests.test_training import crash_at_step
 
 REPO = Path(__file__).resolve().parents[1]
 RECALL_NAMES = [f"{way}_R@{k}" for way in ("i2t", "t2i") for k in (1, 5, 10)]
@@ -53,13 +58,26 @@ def test_temperature_starts_at_clip_value_is_learned_and_clamped():
     output = pair(torch.randn(6, 4), text_embeds=torch.randn(6, 3))
     output.loss.backward()
     assert pair.log_logit_scale.grad is not None and pair.log_logit_scale.grad.item() != 0  # learned
-    optimizer = torch.optim.SGD(pair.parameters(), lr=1.0)
     with torch.no_grad():
         pair.log_logit_scale.fill_(math.log(1000.0))
-    assert pair.logit_scale().item() == pytest.approx(MAX_LOGIT_SCALE)  # clamped at 100
-    optimizer.zero_grad()
+    pair.log_logit_scale.grad = None
     pair(torch.randn(6, 4), text_embeds=torch.randn(6, 3)).loss.backward()
-    assert pair.log_logit_scale.grad.item() == 0  # past the clamp, no gradient pushes it further
+    # Past the bound the scale still has a gradient: no clamp inside autograd leaves it stuck there.
+    assert pair.logit_scale().item() == pytest.approx(1000.0) and pair.log_logit_scale.grad.item() != 0
+    pair.clamp_logit_scale()  # after each optimizer step, as CLIP does
+    assert pair.logit_scale().item() == pytest.approx(MAX_LOGIT_SCALE)
+
+
+def test_a_temperature_past_the_bound_is_back_at_it_after_one_step(synthetic, tmp_path, monkeypatch):
+    """A scale that starts (or resumes) above 100 trains one step at its value and is then put back at 100;
+    a clamp inside autograd would hide it at 100 in the forward and leave the parameter there forever."""
+    monkeypatch.setattr(contrastive, "INITIAL_TEMPERATURE", 1 / 200)
+    run = tmp_path / "run"
+    train_clip.main(train_clip.parse_args(align_args(synthetic, run, "--epochs", "1")))
+    scales = [json.loads(line)["logit_scale"] for line in (run / "align_log.jsonl").read_text().splitlines()[:3]]
+    assert scales[0] == pytest.approx(200.0) and scales[1] == pytest.approx(MAX_LOGIT_SCALE)  # float32's 100
+    saved = torch.load(run / "align_latest.pt", weights_only=True)["model"]["log_logit_scale"]
+    assert saved.item() <= math.log(MAX_LOGIT_SCALE) + 1e-6  # and free to move below it again
 
 
 def brute_force_recall(similarity: torch.Tensor, text_image: list[int]) -> dict[str, float]:
@@ -107,6 +125,10 @@ def test_recall_at_k_matches_a_brute_force_count_with_ties(chunk):
 def test_a_constant_encoder_scores_zero_not_full_recall():
     recall = retrieval_recall(torch.ones(20, 4), torch.ones(40, 4), torch.arange(20).repeat_interleave(2))
     assert recall["i2t_R@10"] == 0 and recall["t2i_R@10"] == 0  # ties count against
+
+
+def read_log(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "align_log.jsonl").read_text().splitlines()]
 
 
 def align_args(synthetic: dict, out_dir: Path, *extra: str, dataset: Path | None = None) -> list[str]:
@@ -203,39 +225,94 @@ def test_frozen_text_embeddings_are_cached_and_a_changed_caption_misses(syntheti
     assert calls == [24 * 5]  # the training captions changed; the validation ones came from the cache
 
 
-class Interrupted(Exception):
-    """Stands for a killed job between two epochs."""
-
-
-def test_resume_reaches_the_encoder_of_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
+@pytest.mark.parametrize("crash_step, resume_point", [(4, (3, 1, 0)), (6, (4, 1, 1))])
+def test_resume_reaches_the_encoder_of_an_uninterrupted_run(synthetic, tmp_path, monkeypatch, crash_step, resume_point):
+    """Killed between epochs (its end-of-epoch checkpoint) or within one (--save_latest_every 2's), then
+    resumed: the weights, recalls and log of a run that was never stopped."""
     train_clip.main(train_clip.parse_args(align_args(synthetic, tmp_path / "straight")))
-    original = AlignmentTrainer.train_epoch
-
-    def crash_in_epoch_one(self, epoch):
-        if epoch == 1:
-            raise Interrupted
-        original(self, epoch)
-
-    monkeypatch.setattr(AlignmentTrainer, "train_epoch", crash_in_epoch_one)
-    with pytest.raises(Interrupted):
-        train_clip.main(train_clip.parse_args(align_args(synthetic, tmp_path / "resumed")))
-    monkeypatch.undo()
-    train_clip.main(
-        train_clip.parse_args(align_args(synthetic, tmp_path / "resumed", "--resume", str(tmp_path / "resumed")))
-    )
+    resumed_dir = tmp_path / "resumed"
+    args = align_args(synthetic, resumed_dir, "--save_latest_every", "2")
+    crash_at_step(monkeypatch, AlignmentTrainer, crash_step, args, train_clip)
+    position = torch.load(resumed_dir / "align_latest.pt", weights_only=True)["position"]
+    assert (position["step"], position["epoch"], position["batch_in_epoch"]) == resume_point
+    train_clip.main(train_clip.parse_args([*args, "--resume", str(resumed_dir)]))
     straight = torch.load(tmp_path / "straight" / "align_latest.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "align_latest.pt", weights_only=True)
+    resumed = torch.load(resumed_dir / "align_latest.pt", weights_only=True)
     assert all(torch.equal(straight["model"][name], resumed["model"][name]) for name in straight["model"])
     straight_recall, resumed_recall = (
         json.loads((tmp_path / run / "retrieval.json").read_text()) for run in ("straight", "resumed")
     )
     assert straight_recall["epochs"] == resumed_recall["epochs"] and len(resumed_recall["epochs"]) == 2
+    straight_log, resumed_log = (
+        [
+            {name: value for name, value in record.items() if name != "images_per_s"}
+            for record in read_log(tmp_path / run)
+        ]
+        for run in ("straight", "resumed")
+    )
+    assert resumed_log == straight_log and [record["step"] for record in resumed_log if "loss" in record] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
     with pytest.raises(InputError, match="lr is 0.01 here but 0.001 in the saved run"):
-        train_clip.main(
-            train_clip.parse_args(
-                align_args(synthetic, tmp_path / "resumed", "--resume", str(tmp_path / "resumed"), "--lr", "1e-2")
-            )
-        )
+        train_clip.main(train_clip.parse_args([*args, "--resume", str(resumed_dir), "--lr", "1e-2"]))
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(synthetic, tmp_path_factory) -> Path:
+    """An alignment run killed in its second epoch: align_latest.pt from step 4, mid-epoch."""
+    run = tmp_path_factory.mktemp("interrupted") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        args = align_args(synthetic, run, "--save_latest_every", "2")
+        crash_at_step(monkeypatch, AlignmentTrainer, 6, args, train_clip)
+    return run
+
+
+def first_group_only(checkpoint: dict) -> None:
+    checkpoint["optimizer"]["param_groups"].pop()
+
+
+def wrong_moment_shape(checkpoint: dict) -> None:
+    checkpoint["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+
+
+def not_finite(checkpoint: dict) -> None:
+    checkpoint["model"]["log_logit_scale"].fill_(math.nan)
+
+
+def position(**changes) -> Callable[[dict], None]:
+    return lambda checkpoint: checkpoint["position"].update(changes)
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        pytest.param(position(data="0" * 16), "the training images or captions differ", id="another run's data"),
+        pytest.param(lambda c: c.update(options=["lr"]), "not a resumable checkpoint (options is list", id="options"),
+        pytest.param(position(step="4"), "the saved position is damaged (step '4')", id="step"),
+        pytest.param(position(batch_in_epoch=-2), "damaged (batch_in_epoch -2)", id="batch_in_epoch"),
+        pytest.param(position(epoch=7), "damaged (epoch 7)", id="epoch past --epochs"),
+        pytest.param(lambda c: c["position"]["history"][0].pop("R@sum"), "damaged (history", id="history"),
+        pytest.param(position(skipped=["x"]), "damaged (skipped", id="skipped"),
+        pytest.param(first_group_only, "RNG state do not fit this run (loaded state dict has a", id="param groups"),
+        pytest.param(wrong_moment_shape, "state of a (8, 3, 4, 4)-shaped parameter is (3,)-shaped", id="moment shape"),
+        pytest.param(lambda c: c["rng"][0].update(cpu=torch.zeros(3)), "RNG state do not fit", id="rng"),
+        pytest.param(lambda c: c.update(scheduler={"last_epoch": "x"}), "RNG state do not fit", id="scheduler"),
+        pytest.param(not_finite, "the saved weights are not finite", id="weights"),
+    ],
+)
+def test_a_tampered_resume_checkpoint_is_one_line(synthetic, interrupted_run, tmp_path, tamper, message):
+    run = tmp_path / "run"
+    shutil.copytree(interrupted_run, run)
+    checkpoint = torch.load(run / "align_latest.pt", weights_only=True)
+    tamper(checkpoint)
+    torch.save(checkpoint, run / "align_latest.pt")
+    with pytest.raises(InputError, match=re.escape(str(run / "align_latest.pt")) + ".*" + re.escape(message)):
+        train_clip.main(train_clip.parse_args(align_args(synthetic, run, "--resume", str(run))))
 
 
 def test_an_existing_run_needs_resume_or_overwrite(synthetic, tmp_path):
@@ -248,8 +325,6 @@ def test_an_existing_run_needs_resume_or_overwrite(synthetic, tmp_path):
 def test_unreadable_images_are_skipped_and_reported(synthetic, tmp_path):
     dataset = json.loads(synthetic["dataset"].read_text())
     broken = tmp_path / "images"
-    import shutil
-
     shutil.copytree(synthetic["images"], broken)
     train_image = next(image for image in dataset["images"] if image["split"] == "train")
     (broken / train_image["filepath"] / train_image["filename"]).write_bytes(b"not a jpeg")
@@ -283,6 +358,40 @@ def test_bad_input_is_one_line(synthetic, tmp_path, tiny_clip_dir, change, messa
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr and lines[-1].startswith("error: ") and message in lines[-1], lines[-1]
+
+
+def test_a_caption_with_a_lone_surrogate_is_one_line_naming_its_image(synthetic, tmp_path):
+    """JSON can escape half a surrogate pair ("\\ud800"), which is no text and has no UTF-8: alignment and
+    the extraction of its features (a pickle, or a store's parquet) refuse the file in one line naming the image."""
+    dataset = json.loads(synthetic["dataset"].read_text())
+    number = next(number for number, image in enumerate(dataset["images"]) if image["split"] == "train")
+    dataset["images"][number]["sentences"][1]["raw"] = "a red \ud800 circle"
+    broken = tmp_path / DATASET_FILE
+    broken.write_text(json.dumps(dataset))  # as the escape \ud800, valid JSON
+    message = re.escape(f"{broken}: images[{number}]: caption holds a lone surrogate '\\ud800' at character 6")
+    with pytest.raises(InputError, match=message):
+        train_clip.main(train_clip.parse_args(align_args(synthetic, tmp_path / "run", dataset=broken)))
+    for output_format, output in (("pickle", tmp_path / "train.pkl"), ("shards", tmp_path / "train_store")):
+        flags = ["--clip_model_type", str(synthetic["clip"]), "--coco_images_dir", str(synthetic["images"])]
+        flags += ["--captions_file", str(broken), "--split", "train", "--output_file", str(output)]
+        with pytest.raises(InputError, match=message):
+            parse_coco_clip.main(parse_coco_clip.parse_args([*flags, "--output_format", output_format]))
+        assert not output.exists()
+
+
+def test_empty_captions_are_refused_as_train_py_refuses_them(synthetic, tmp_path):
+    """Every caption "": nothing to align the images to. Refused before anything is trained or written, in
+    the words train.py uses for captions that tokenize to nothing."""
+    dataset = json.loads(synthetic["dataset"].read_text())
+    for image in dataset["images"]:
+        for sentence in image["sentences"]:
+            sentence["raw"] = ""
+    empty = tmp_path / DATASET_FILE
+    empty.write_text(json.dumps(dataset))
+    message = f"tokenizer '{synthetic['clip']}' turns 120 of 120 captions into no tokens; the captions are empty"
+    with pytest.raises(InputError, match=re.escape(message)):
+        train_clip.main(train_clip.parse_args(align_args(synthetic, tmp_path / "run", dataset=empty)))
+    assert not (tmp_path / "run" / "encoder").exists() and not (tmp_path / "run" / "align_latest.pt").exists()
 
 
 def test_resnet50_without_its_weights_offline_is_one_line(synthetic, tmp_path, monkeypatch):
@@ -339,7 +448,9 @@ def test_a_config_declaring_a_huge_head_is_refused_before_it_is_built(tmp_path, 
     }  # fmt: skip
     save_aligned_encoder(tmp_path / "encoder", AlignedImageEncoder(AlignedConfig.from_dict(values, "test")))
     config_file = tmp_path / "encoder" / "config.json"
-    config_file.write_text(json_module.dumps({**json_module.loads(config_file.read_text()), "projection_hidden": 20_000}))
+    config_file.write_text(
+        json_module.dumps({**json_module.loads(config_file.read_text()), "projection_hidden": 20_000})
+    )
     head_devices = []
     original_head = aligned.projection_head
 

@@ -5,6 +5,7 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -112,19 +113,20 @@ class Interrupted(Exception):
     """Stands for a crash or a killed job in the middle of training."""
 
 
-def crash_at_step(monkeypatch, trainer_class: type[Trainer], step: int, argv: list[str]) -> None:
-    """Run train.py with `argv` and stop it (Interrupted) as its step `step` begins, as a killed job stops."""
+def crash_at_step(monkeypatch, trainer_class: type, step: int, argv: list[str], script: ModuleType = train) -> None:
+    """Run `script` (train.py, or train_clip.py with its trainer) with `argv` and stop it (Interrupted) as its
+    step `step` begins, as a killed job stops."""
     original_step, calls = trainer_class.train_step, []
 
-    def crashing_step(self, batch, epoch):
-        calls.append(epoch)
+    def crashing_step(self, *args):
+        calls.append(args)
         if len(calls) == step:
             raise Interrupted
-        return original_step(self, batch, epoch)
+        return original_step(self, *args)
 
     monkeypatch.setattr(trainer_class, "train_step", crashing_step)
     with pytest.raises(Interrupted):
-        train.main(train.parse_args(argv))
+        script.main(script.parse_args(argv))
     monkeypatch.undo()
 
 
