@@ -47,11 +47,12 @@ from stages.train_state import (
     RunFiles,
     RunPosition,
     StepLog,
+    check_counters,
     check_same_run,
     check_same_runtime,
     gather_rng_states,
     read_resume_checkpoint,
-    restore_rng_state,
+    restore_training_state,
     resume_path,
     runtime_record,
 )
@@ -203,12 +204,9 @@ class Trainer:
         if saved.data != self.position.data:
             raise InputError(f"--resume {source}: --data is not the feature file the saved run trained on")
         load_state_into(self.model, checkpoint["model"], str(source))
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
+        restore_training_state(checkpoint, source, self.optimizer, self.scheduler, self.scaler, self.device, self.context)
+        check_counters(saved, source, self.options.epochs, self.steps_per_epoch)
         self.position = saved
-        restore_rng_state(checkpoint["rng"], self.device, self.context)
         self.last_saved = source
 
     def run_config(self) -> dict:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from data.atomic import atomic_write, check_output_target, check_outputs, remove_stale_temporaries
-from data.errors import InputError
+from data.errors import InputError, first_line
 from models.checkpoint import read_checkpoint
 from models.config import CaptionerConfig
 from stages.distributed import DistributedContext, gather_objects
@@ -60,16 +60,30 @@ class RunPosition:
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any], source: Path) -> "RunPosition":
-        """The saved position; runs saved before this class kept their best values under their own keys."""
+        """The saved position, each entry of its type (a damaged one is one line); runs saved before this
+        class kept their best values under their own keys."""
         saved = dict(saved)
         for old_key, figure in (("best_cider", "CIDEr"), ("best_val_loss", "val_loss"), ("best_rsum", "R@sum")):
             if saved.get(old_key) is not None:
                 saved.setdefault("best", {})[figure] = saved[old_key]
             saved.pop(old_key, None)
-        known = {name: saved[name] for name in cls.__dataclass_fields__ if name in saved}
-        if "data" not in known:
-            raise InputError(f"--resume {source}: the saved position lacks its data key; not a run of this repo")
-        return cls(**known)
+        fits = {
+            "data": isinstance(saved.get("data"), str),
+            "best": isinstance(saved.get("best", {}), dict) and all(map(is_number, saved.get("best", {}).values())),
+            "history": isinstance(saved.get("history", []), list),
+            "skipped": isinstance(saved.get("skipped", {}), dict)
+            and all(isinstance(item, str) for pair in saved.get("skipped", {}).items() for item in pair),
+            "wandb_run_id": saved.get("wandb_run_id") is None or isinstance(saved["wandb_run_id"], str),
+        }
+        for name, fit in fits.items():
+            if not fit:
+                raise InputError(f"--resume {source}: the saved position is damaged ({name} {saved.get(name)!r:.60})")
+        return cls(**{name: saved[name] for name in cls.__dataclass_fields__ if name in saved})
+
+
+def is_number(value: object) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass
@@ -208,14 +222,38 @@ def read_resume_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_counters(position: dict[str, Any], source: Path, epochs: int, steps_per_epoch: int) -> None:
+def check_counters(position: RunPosition, source: Path, epochs: int, steps_per_epoch: int) -> None:
     """The saved step, epoch and batch within it are counts this run can reach (a tampered one would skip
     or repeat batches, or fail mid-run)."""
     limits = {"step": None, "epoch": epochs, "batch_in_epoch": steps_per_epoch - 1}
     for name, limit in limits.items():
-        value = position.get(name)
+        value = getattr(position, name)
         if type(value) is not int or value < 0 or (limit is not None and value > limit):
             raise InputError(f"--resume {source}: the saved position is damaged ({name} {value!r:.60})")
+
+
+def restore_training_state(
+    checkpoint: dict[str, Any],
+    source: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    context: DistributedContext,
+) -> None:
+    """Put back the optimizer, schedule, loss scale and this rank's RNG state of a `_latest.pt`; a tampered
+    entry is one line (each loader raises its own type at one)."""
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_state(checkpoint["rng"], device, context)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
+        raise InputError(
+            f"--resume {source}: the optimizer, schedule or RNG state do not fit this run ({first_line(error)})"
+        ) from None
+    check_optimizer_state(optimizer, source)
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, source: Path) -> None:
