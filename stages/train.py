@@ -59,7 +59,6 @@ from stages.train_state import (
 
 # ClipCap's AdamW epsilon (torch's default is 1e-8).
 ADAM_EPS = 1e-6
-SCORED_CAPTION_TOKENS = 67  # validation captions decoded for --eval_every: ClipCap's entry_length
 
 
 def epoch_order(dataset: Dataset, seed: int, epoch: int, context: DistributedContext) -> list[int]:
@@ -355,7 +354,8 @@ class Trainer:
     def score_validation(self, epoch: int) -> dict[str, float]:
         """Greedy-decode the validation images, score CIDEr and BLEU-4, keep `{prefix}_best.pt` (main process only)."""
         context_length = lm_context_length(self.model.gpt) or 10**9
-        max_length = min(SCORED_CAPTION_TOKENS, context_length - self.config.prefix_length)
+        # Decoding's default caption length (ClipCap's 67), within what the LM's positions leave.
+        max_length = min(DecodingOptions.max_length, context_length - self.config.prefix_length)
         from stages.evaluate import score_captioner  # late, as require_java above
 
         scores, predictions = score_captioner(
