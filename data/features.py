@@ -11,6 +11,7 @@ from other people.
 import collections
 import hashlib
 import io
+import math
 import os
 import pickle
 from collections.abc import Sequence
@@ -132,6 +133,9 @@ def _numpy_reconstruct_checked(subtype: Any, shape: tuple, typecode: Any) -> np.
     # The empty array that __setstate__ then fills (numpy checks there that the data matches the shape).
     if subtype is not _NumpyArrayType:
         raise pickle.UnpicklingError("refuses numpy _reconstruct of anything but numpy.ndarray")
+    # numpy always asks for (0,) here; any other shape would be allocated before a byte of its data is seen.
+    if shape != (0,):
+        raise pickle.UnpicklingError(f"refuses numpy _reconstruct of a non-empty shape {shape!r}")
     return _numpy_reconstruct(np.ndarray, shape, typecode)
 
 
@@ -206,19 +210,38 @@ def _as_tensor(value: Any) -> torch.Tensor | None:
 
 def nonfinite_rows(embeddings: torch.Tensor) -> list[int]:
     """Rows (images) holding NaN or infinity anywhere (a broken encoder pass), in order; (N, D) or (N, T, D)."""
+    # A sum is one pass and no mask (a store's reads are checked batch by batch): NaN or infinity anywhere
+    # makes it non-finite. Only then, or when large finite values overflow it, are the rows looked at.
+    if math.isfinite(embeddings.sum(dtype=torch.float32)):
+        return []
     return torch.nonzero(~torch.isfinite(embeddings).flatten(1).all(dim=1)).flatten().tolist()
+
+
+def first_rows(rows: Sequence[Any]) -> str:
+    """The first MAX_BAD_ROWS_SHOWN of `rows`, comma-separated, for a one-line message."""
+    return ", ".join(map(str, rows[:MAX_BAD_ROWS_SHOWN])) + (", ..." if len(rows) > MAX_BAD_ROWS_SHOWN else "")
+
+
+def refuse_nonfinite_rows(where: str | os.PathLike, rows: Sequence[int]) -> None:
+    """One InputError line naming `where` and `rows`, its feature rows holding NaN or infinity (if there are any)."""
+    if rows:
+        raise InputError(f"{where}: {len(rows)} feature row(s) hold NaN or infinite values (rows {first_rows(rows)})")
 
 
 def _check_embeddings(path: str | os.PathLike, embeddings: torch.Tensor) -> None:
     # Caught here, a NaN row or an empty width names the file; caught in training, it looks like a bad --lr.
+    if embeddings.shape[0] == 0:
+        raise InputError(f"{path}: '{FEATURES_KEY}' has no rows")
     if embeddings.shape[-1] == 0:
         raise InputError(f"{path}: '{FEATURES_KEY}' has {embeddings.shape[0]} rows of width 0: no features")
     if embeddings.dim() == 3 and embeddings.shape[1] == 0:
         raise InputError(f"{path}: '{FEATURES_KEY}' has {embeddings.shape[0]} rows of 0 tokens: no features")
-    bad = nonfinite_rows(embeddings)
-    if bad:
-        shown = ", ".join(map(str, bad[:MAX_BAD_ROWS_SHOWN])) + (", ..." if len(bad) > MAX_BAD_ROWS_SHOWN else "")
-        raise InputError(f"{path}: {len(bad)} feature row(s) hold NaN or infinite values (rows {shown})")
+    refuse_nonfinite_rows(path, nonfinite_rows(embeddings))
+
+
+def _is_image_id(value: Any) -> bool:
+    # Ids are keys (of image rows, references, predictions): a list or a dict there fails far from the file.
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def read_feature_file(path: str | os.PathLike) -> FeatureFile:
@@ -234,6 +257,9 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
         raise InputError(
             f"{path}: '{FEATURES_KEY}' must be a 2-D or 3-D real tensor (images x features, or images x tokens x features)"
         )
+    if not embeddings.is_floating_point():  # integers or booleans are ids or masks, never an encoder's output
+        dtype = str(embeddings.dtype).removeprefix("torch.")
+        raise InputError(f"{path}: '{FEATURES_KEY}' holds {dtype} values, not floating-point features")
     embeddings = embeddings.float().contiguous()
     _check_embeddings(path, embeddings)
     captions = content["captions"]
@@ -241,8 +267,12 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
         raise InputError(f"{path}: 'captions' is empty or not a list")
     num_rows = embeddings.shape[0]
     for number, caption in enumerate(captions):
-        if not isinstance(caption, dict) or not isinstance(caption.get("caption"), str) or "image_id" not in caption:
-            raise InputError(f"{path}: caption {number} needs 'image_id' and a string 'caption'")
+        if (
+            not isinstance(caption, dict)
+            or not isinstance(caption.get("caption"), str)
+            or not _is_image_id(caption.get("image_id"))
+        ):
+            raise InputError(f"{path}: caption {number} needs an 'image_id' (a number or text) and a string 'caption'")
         row = caption.get(FEATURES_KEY)
         if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < num_rows:
             raise InputError(f"{path}: caption {number} has row index {row!r}, outside 0..{num_rows - 1}")

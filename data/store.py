@@ -6,8 +6,9 @@
     shard-00000.parquet        one row per caption: image_id, caption, row (within the shard)
 
 Every file is written atomically and meta.json last, so a store that lists a shard has it whole;
-reading checks each listed file's presence, shape and size, never its content (a run must not read
-the embeddings it memory-maps). The checksums in meta.json give the store's data keys instead.
+reading checks each listed file's presence, header, shape and size, never its content at open (a run must
+not read the embeddings it memory-maps): rows holding NaN or infinity are refused where they are read.
+The checksums in meta.json give the store's data keys instead.
 `read_features` is the one reader of features, pickle or store.
 """
 
@@ -28,7 +29,16 @@ import torch
 
 from data.atomic import atomic_write, write_json_atomic
 from data.errors import InputError, read_json_input
-from data.features import FEATURES_KEY, FeatureFile, check_pickle_fits, read_feature_file, write_feature_file
+from data.features import (
+    FEATURES_KEY,
+    FeatureFile,
+    check_pickle_fits,
+    first_rows,
+    nonfinite_rows,
+    read_feature_file,
+    refuse_nonfinite_rows,
+    write_feature_file,
+)
 
 STORE_FORMAT = "clipcap-plus-feature-store"
 STORE_VERSION = 1
@@ -37,6 +47,9 @@ FEATURE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 # Embedding bytes per shard, whatever a row holds: 13,981 ViT-B/32 token matrices (50 x 768) in fp16,
 # 524,288 rows of 512 fp32 features. An extraction holds one shard in memory while it writes it.
 SHARD_BYTES = 1024**3
+# Float32 bytes a pass over many rows (a check, a copy) takes at a time: it holds one block's temporaries.
+BLOCK_BYTES = 64 * 1024**2
+SHARD_NAME = r"shard-\d{5,}"  # what shard_name writes; meta.json may name nothing else
 
 
 def default_feature_dtype(row_shape: Sequence[int]) -> str:
@@ -58,6 +71,31 @@ def is_store(path: str | os.PathLike) -> bool:
 def shard_name(number: int) -> str:
     """The stem of shard `number`'s files."""
     return f"shard-{number:05d}"
+
+
+def _row_blocks(num_rows: int, row_shape: Sequence[int]) -> Iterator[slice]:
+    """Consecutive rows in blocks of about BLOCK_BYTES as float32 (at least one row each)."""
+    per_block = max(1, BLOCK_BYTES // (4 * math.prod(row_shape)))
+    for start in range(0, num_rows, per_block):
+        yield slice(start, min(start + per_block, num_rows))
+
+
+def check_storable(where: Path, embeddings: np.ndarray, feature_dtype: str, image_of_row: dict[int, Any]) -> None:
+    """Refuse rows that are not finite once stored as `feature_dtype` (fp16 ends at 65504: beyond is infinity),
+    naming `where`, the rows and the first one's image; cast and checked a block of rows at a time."""
+    dtype = FEATURE_DTYPES[feature_dtype]
+    with np.errstate(over="ignore"):  # the overflow is what this reports
+        bad = [
+            block.start + row
+            for block in _row_blocks(len(embeddings), embeddings.shape[1:])
+            for row in nonfinite_rows(torch.from_numpy(np.asarray(embeddings[block], dtype=dtype)))
+        ]
+    if bad:
+        advice = "; write the store in fp32 (--feature_dtype fp32)" if feature_dtype != "fp32" else ""
+        raise InputError(
+            f"{where}: {len(bad)} row(s) overflow {feature_dtype}, whose largest value is {np.finfo(dtype).max:g} "
+            f"(rows {first_rows(bad)}; the first is image {image_of_row.get(bad[0], '?')!r}){advice}"
+        )
 
 
 def _sha256(data: bytes) -> str:
@@ -96,8 +134,10 @@ def write_shard(
     """Write one shard (embeddings (n, D) or (n, T, D), captions as (image_id, text, row in shard)) atomically;
     returns its record for meta.json (with `extra`, e.g. the source shard and skipped samples)."""
     directory = Path(directory)
-    array = np.ascontiguousarray(embeddings, dtype=FEATURE_DTYPES[feature_dtype])
+    with np.errstate(over="ignore"):  # an overflow is refused next, in one line
+        array = np.ascontiguousarray(embeddings, dtype=FEATURE_DTYPES[feature_dtype])
     ids = [image_id for image_id, _, _ in captions]
+    check_storable(directory / f"{name}.npy", array, feature_dtype, {row: image_id for image_id, _, row in captions})
     table = pa.table(
         {
             "image_id": pa.array(ids, type=_id_type(ids, str(directory / name))),
@@ -214,23 +254,38 @@ class ShardedEmbeddings:
             raise IndexError(f"rows outside 0..{len(self) - 1}")
         return np.searchsorted(self.starts, rows, side="right") - 1
 
+    def _check_finite(self, values: np.ndarray, rows: np.ndarray, shards: np.ndarray) -> None:
+        """Refuse read rows (store rows `rows`, in `shards`) holding NaN or infinity, naming the first one's shard
+        and its rows there: checked as rows are read, since checking at open would read the whole store."""
+        bad = nonfinite_rows(torch.from_numpy(values))
+        if bad:
+            shard = shards[bad[0]]
+            in_shard = [int(rows[i] - self.starts[shard]) for i in bad if shards[i] == shard]
+            refuse_nonfinite_rows(self.paths[shard], in_shard)
+
     def __getitem__(self, index: Any) -> torch.Tensor:
         if isinstance(index, slice):
             index = np.arange(len(self))[index]
         rows = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
         if rows.ndim == 0:  # one row: (D,) or (T, D)
-            shard = int(self._locate(rows.reshape(1))[0])
-            return torch.from_numpy(np.array(self.arrays[shard][int(rows) - self.starts[shard]], dtype=np.float32))
+            shards = self._locate(rows.reshape(1))
+            value = np.array(self.arrays[shards[0]][int(rows) - self.starts[shards[0]]], dtype=np.float32)
+            self._check_finite(value[None], rows.reshape(1), shards)
+            return torch.from_numpy(value)
         shards = self._locate(rows)
         out = np.empty((len(rows), *self.shape[1:]), dtype=np.float32)  # (k, D) or (k, T, D)
         for shard in np.unique(shards):
             mask = shards == shard
             out[mask] = self.arrays[shard][rows[mask] - self.starts[shard]]
+        self._check_finite(out, rows, shards)
         return torch.from_numpy(out)
 
     def numpy(self) -> np.ndarray:
-        """Every row as one float32 array (for the converter: this reads the whole store)."""
-        return np.concatenate([np.asarray(array, dtype=np.float32) for array in self.arrays])
+        """Every row as one float32 array (for the converter: this reads the whole store), a block at a time."""
+        out = np.empty(self.shape, dtype=np.float32)
+        for block in _row_blocks(len(self), self.shape[1:]):
+            out[block] = self[block].numpy()
+        return out
 
 
 class CaptionTable(Sequence):
@@ -278,21 +333,51 @@ def _refuse(directory: Path, reason: str) -> None:
     raise InputError(f"{directory}: not a usable feature store: {reason}")
 
 
+def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """A .npy file's shape, dtype and data offset, read from its header alone (nothing is allocated for its data)."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version not in ((1, 0), (2, 0)):  # what np.save writes for a float array
+            raise ValueError(f"version {version[0]}.{version[1]}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+        return shape, dtype, handle.tell()
+
+
 def _open_shard_embeddings(directory: Path, shard: dict, row_shape: tuple[int, ...], dtype: str) -> np.ndarray:
     path = directory / f"{shard['name']}.npy"
     try:
-        # An empty shard (every sample of its source skipped) has no data to map.
-        array = np.load(path, mmap_mode="r" if shard["rows"] else None, allow_pickle=False)
-        if shard["rows"] and os.path.getsize(path) != array.offset + array.nbytes:
-            raise ValueError(f"{os.path.getsize(path)} bytes, not {array.offset + array.nbytes}")
+        shape, stored_dtype, offset = _read_npy_header(path)
     except FileNotFoundError:
         raise InputError(f"{path}: missing; the store's meta.json lists it") from None
-    except (OSError, ValueError) as error:  # a short file cannot be mapped; a bad header does not parse
+    except (OSError, ValueError, EOFError) as error:  # a cut or foreign header does not parse
         raise InputError(f"{path}: truncated or not a .npy file ({error})") from None
+    # The header's claims, held to meta.json and the file's size before anything is mapped or read.
     expected = (shard["rows"], *row_shape)
-    if array.shape != expected or array.dtype != FEATURE_DTYPES[dtype]:
-        raise InputError(f"{path}: holds {array.dtype} {tuple(array.shape)}, meta.json says {dtype} {expected}")
-    return array
+    if shape != expected or stored_dtype != FEATURE_DTYPES[dtype]:
+        raise InputError(f"{path}: holds {stored_dtype} {shape}, meta.json says {dtype} {expected}")
+    size, data_bytes = os.path.getsize(path), math.prod(shape) * stored_dtype.itemsize
+    if size != offset + data_bytes:
+        raise InputError(f"{path}: truncated or not a .npy file ({size} bytes, not {offset + data_bytes})")
+    # An empty shard (every sample of its source skipped) has no data to map.
+    return np.load(path, mmap_mode="r" if shard["rows"] else None, allow_pickle=False)
+
+
+# The captions' columns and the types write_shard gives them (image ids are numbers or text, see _id_type).
+CAPTION_COLUMNS = {"image_id": (pa.int64(), pa.string()), "caption": (pa.string(),), "row": (pa.int64(),)}
+
+
+def _check_caption_columns(path: Path, shard: dict, captions: pq.ParquetFile) -> None:
+    # The footer's claims, held to meta.json and to the columns write_shard writes before a column is read.
+    if captions.metadata.num_rows != shard["captions"]:
+        raise InputError(f"{path}: holds {captions.metadata.num_rows} captions, meta.json says {shard['captions']}")
+    schema = captions.schema_arrow
+    for name, types in CAPTION_COLUMNS.items():
+        if name not in schema.names:
+            raise InputError(f"{path}: has no column {name!r}")
+        held = schema.field(name).type
+        if held not in types:
+            raise InputError(f"{path}: column {name!r} holds {held}, not {' or '.join(map(str, types))}")
 
 
 def _read_shard_captions(directory: Path, shard: dict) -> pa.Table:
@@ -300,17 +385,18 @@ def _read_shard_captions(directory: Path, shard: dict) -> pa.Table:
     if not path.is_file():
         raise InputError(f"{path}: missing; the store's meta.json lists it")
     try:
-        table = pq.read_table(path, columns=["image_id", "caption", "row"])
+        captions = pq.ParquetFile(path)
+        _check_caption_columns(path, shard, captions)
+        table = captions.read(columns=list(CAPTION_COLUMNS))
     except (OSError, pa.ArrowException) as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise InputError(f"{path}: truncated or not a captions parquet file ({reason})") from None
-    if table.num_rows != shard["captions"]:
-        raise InputError(f"{path}: holds {table.num_rows} captions, meta.json says {shard['captions']}")
+    for name in CAPTION_COLUMNS:
+        if table.column(name).null_count:
+            raise InputError(f"{path}: column {name!r} has {table.column(name).null_count} null value(s)")
     rows = table.column("row").to_numpy()
     if len(rows) and (rows.min() < 0 or rows.max() >= shard["rows"]):
         raise InputError(f"{path}: a caption's row lies outside the shard's {shard['rows']} rows")
-    if not pa.types.is_string(table.column("caption").type):
-        raise InputError(f"{path}: column 'caption' is not text")
     return table
 
 
@@ -326,14 +412,23 @@ def _check_meta(directory: Path, meta: Any) -> tuple[dict, list[dict]]:
     if not isinstance(shards, list) or not shards:
         _refuse(directory, f"{META_FILE} lists no shards")
     fields = {"name": str, "rows": int, "captions": int, "embeddings_sha256": str, "captions_sha256": str}
+    names = set()
     for shard in shards:
-        if not isinstance(shard, dict) or any(not isinstance(shard.get(k), t) for k, t in fields.items()):
+        if not isinstance(shard, dict) or any(not _is_a(shard.get(k), t) for k, t in fields.items()):
             _refuse(directory, f"{META_FILE} has a shard entry without {', '.join(fields)}")
-        if Path(shard["name"]).name != shard["name"] or shard["name"].startswith("."):
-            _refuse(directory, f"shard name {shard['name']!r} is not a plain file name")
+        if not re.fullmatch(SHARD_NAME, shard["name"]):  # nor a path, nor another file of the directory
+            _refuse(directory, f"{shard['name']!r} is not a shard's name (shard-00000, ...)")
+        if shard["name"] in names:  # its rows would be read twice
+            _refuse(directory, f"{META_FILE} lists shard {shard['name']} twice")
+        names.add(shard["name"])
         if shard["rows"] < 0 or shard["captions"] < 0:
             _refuse(directory, f"shard {shard['name']} has a negative count")
     return store, shards
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    # JSON's true is a Python int too; no count in meta.json is ever a boolean.
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def read_store(directory: str | os.PathLike, verify_checksums: bool = False) -> FeatureFile:
@@ -346,13 +441,13 @@ def read_store(directory: str | os.PathLike, verify_checksums: bool = False) -> 
     meta = read_json_input(meta_path, "store meta")
     store, shards = _check_meta(directory, meta)
     feature_dim = meta.get("feature_dim")
-    if not isinstance(feature_dim, int) or feature_dim < 1:
+    if not _is_a(feature_dim, int) or feature_dim < 1:
         _refuse(directory, f"feature_dim {feature_dim!r} in {META_FILE}")
     row_shape = meta.get("row_shape", [feature_dim])  # stores written before token features record none
     if (
         not isinstance(row_shape, list)
         or len(row_shape) not in (1, 2)
-        or any(isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in row_shape)
+        or any(not _is_a(size, int) or size < 1 for size in row_shape)
     ):
         _refuse(directory, f"row_shape {row_shape!r} in {META_FILE} is not [feature_dim] or [tokens, feature_dim]")
     if verify_checksums:
@@ -369,6 +464,11 @@ def read_store(directory: str | os.PathLike, verify_checksums: bool = False) -> 
         _refuse(directory, f"row_shape {row_shape!r} in {META_FILE} does not end in its feature_dim {feature_dim}")
     if start == 0 or not sum(table.num_rows for table in tables):
         _refuse(directory, "it holds no images or no captions")
+    # Checked once the shards are: a shard entry that lies is named by its file. Readers pass meta on.
+    for count, field in (("num_images", "rows"), ("num_captions", "captions")):
+        held = sum(shard[field] for shard in shards)
+        if count in meta and meta[count] != held:
+            _refuse(directory, f"{META_FILE} says {count} {meta[count]!r}, its shards hold {held}")
     # A shard with no captions (every sample of its source skipped) has no image id type of its own.
     id_types = {table.schema.field("image_id").type for table in tables if table.num_rows}
     tables = [table for table in tables if table.num_rows]
@@ -416,7 +516,7 @@ def read_features(path: str | os.PathLike) -> FeatureFile:
 
 
 # The names a store (and an extraction filling one) writes; nothing else is ever deleted from its directory.
-_STORE_FILE = re.compile(r"meta\.json|extraction\.json|shard-\d{5,}\.(npy|parquet|json)|\..+\.tmp")
+_STORE_FILE = re.compile(rf"meta\.json|extraction\.json|{SHARD_NAME}\.(npy|parquet|json)|\..+\.tmp")
 
 
 def check_store_output(path: str | os.PathLike) -> None:
@@ -461,6 +561,9 @@ def convert_features(
     features = read_feature_file(source)
     feature_dtype = feature_dtype or default_feature_dtype(features.row_shape)
     meta = {key: value for key, value in features.meta.items() if key != "store"}
+    # Checked before clear_store: a row that fp16 cannot hold must not cost the store it would replace.
+    image_of_row = {row: image_id for image_id, row in features.image_rows().items()}
+    check_storable(Path(target), features.embeddings.numpy(), feature_dtype, image_of_row)
     clear_store(target)
     num_rows = len(features.embeddings)
     write_store(target, meta, num_rows, features.row_shape, feature_dtype, _feature_file_rows(features), rows_per_shard)

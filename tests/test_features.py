@@ -89,6 +89,22 @@ def test_a_pickle_that_would_write_a_file_is_refused_and_writes_nothing(tmp_path
 ONE_CAPTION = [{"image_id": 1, "caption": "x", "clip_embedding": 0}]
 
 
+def _with_rows(embeddings, row) -> bytes:
+    """A feature pickle of `embeddings` with one caption at `row` (protocol 2: numpy arrays go through _reconstruct)."""
+    return pickle.dumps({"clip_embedding": embeddings, "captions": [{"image_id": 1, "caption": "x", "clip_embedding": row}]}, protocol=2)
+
+
+class _ArrayClaiming:
+    """Pickles as numpy pickles a (1, 3) array, but its state claims `shape` for the same 12 bytes."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+
+    def __reduce__(self):
+        reconstruct, arguments, (version, _, dtype, fortran, data) = np.zeros((1, 3), np.float32).__reduce__()
+        return reconstruct, arguments, (version, self.shape, dtype, fortran, data)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -111,12 +127,58 @@ ONE_CAPTION = [{"image_id": 1, "caption": "x", "clip_embedding": 0}]
         ),
         # _codecs.encode is let through for protocol 2's latin-1 bytes only.
         (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x05\x00\x00\x00utf-8\x86R.", "refuses _codecs.encode"),
+        (_with_rows(np.zeros((2, 3)), -1), r"row index -1, outside 0\.\.1"),
+        (_with_rows(np.zeros((2, 3)), True), "row index True"),
+        (_with_rows(np.zeros((2, 3)), 1.0), "row index 1.0"),
+        (_with_rows(np.zeros(3), 0), "must be a 2-D or 3-D real tensor"),
+        (_with_rows(np.zeros((1, 1, 1, 3)), 0), "must be a 2-D or 3-D real tensor"),
+        (_with_rows(np.array([["a", "b"]]), 0), "must be a 2-D or 3-D real tensor"),
+        (_with_rows(np.zeros((1, 3), np.complex64), 0), "must be a 2-D or 3-D real tensor"),
+        (_with_rows([[0.0, 1.0]], 0), "must be a 2-D or 3-D real tensor"),
+        (_with_rows(np.full((2, 3), 1e300), 0), r"2 feature row\(s\) hold NaN or infinite values \(rows 0, 1\)"),
+        (_with_rows(_ArrayClaiming((10**6, 10**6)), 0), "buffer size does not match array size"),
+        (pickle.dumps({"clip_embedding": np.zeros((1, 3)), "captions": {"image_id": 1}}), "'captions' is empty or not a list"),
     ],
 )
 def test_bad_feature_files_are_one_line_input_errors(tmp_path, content, message):
+    """Cases refused before the adversarial pass."""
     (tmp_path / "bad.pkl").write_bytes(content)
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(InputError, match=message) as caught:
         read_feature_file(tmp_path / "bad.pkl")
+    assert "\n" not in str(caught.value)
+
+
+class _EmptyArrayOfShape:
+    """Pickles as numpy pickles an array, but asks _reconstruct for `shape` (numpy always asks for (0,))."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+
+    def __reduce__(self):
+        reconstruct, (subtype, _, typecode), state = np.zeros((1, 3), np.float32).__reduce__()
+        return reconstruct, (subtype, self.shape, typecode), state
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # 100 bytes asking numpy for a 4 TB array before its data arrives: numpy allocated it, or failed with a traceback.
+        (_with_rows(_EmptyArrayOfShape((4 * 10**12,)), 0), "refuses numpy _reconstruct of a non-empty shape"),
+        (_with_rows(np.zeros((1, 3), np.int64), 0), "'clip_embedding' holds int64 values, not floating-point features"),
+        (_with_rows(torch.zeros(1, 3, dtype=torch.bool), 0), "'clip_embedding' holds bool values"),
+        (_with_rows(torch.zeros(0, 3), 0), "'clip_embedding' has no rows"),
+        (
+            pickle.dumps({"clip_embedding": np.zeros((1, 3)), "captions": [{"image_id": [1], "caption": "x", "clip_embedding": 0}]}),
+            "caption 0 needs an 'image_id' \\(a number or text\\)",
+        ),
+    ],
+)
+def test_lying_feature_files_are_one_line_input_errors(tmp_path, content, message):
+    """Cases the adversarial pass found accepted, misnamed or crashing."""
+    (tmp_path / "bad.pkl").write_bytes(content)
+    with pytest.raises(InputError, match=message) as caught:
+        read_feature_file(tmp_path / "bad.pkl")
+    assert "\n" not in str(caught.value)
 
 
 def test_a_directory_is_not_a_feature_file(tmp_path):
