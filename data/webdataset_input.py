@@ -41,9 +41,18 @@ class ShardBatch:
     captions: list[str] = field(default_factory=list)
     pixels: torch.Tensor | None = None  # (b, 3, H, W)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
-    last: bool = False  # the shard's final batch: its results are complete
-    error: str | None = None  # with `last`: why the shard ended early (a corrupt member, an unreadable URL)
-    opened: bool = True  # False: the shard could not be opened at all (retried by --resume)
+    last: bool = False  # the shard's final batch
+    # With `last`: why the shard could not be read to its end (an unreadable URL, a truncated tar, a failed
+    # pipe: command); such a shard is not done, and --resume reads it again.
+    error: str | None = None
+
+
+def _describe(error: Exception, stream: object) -> str:
+    """Why a shard ended, in one line: a pipe: command's exit status, else the error's first argument."""
+    status = getattr(stream, "status", None)  # webdataset's Pipe: its own message repeats Popen's arguments
+    if isinstance(error, OSError) and status:
+        return f"its command exited with status {status}"
+    return (str(error.args[0]) if error.args else type(error).__name__).split(" @ ")[0]
 
 
 def pass_through(batch: ShardBatch) -> ShardBatch:
@@ -76,15 +85,15 @@ class WebdatasetImages(IterableDataset):
         errors: list[str] = []
 
         def stop(error: Exception) -> bool:  # webdataset's handler: note why, and end this shard
-            errors.append((str(error.args[0]) if error.args else type(error).__name__).split(" @ ")[0])
+            errors.append(_describe(error, stream))
             return False
 
         batch = ShardBatch(number, url)
         decoded: list[torch.Tensor] = []
         try:
             stream = webdataset.gopen(url)
-        except Exception as error:  # a missing file, a pipe that cannot start: nothing read, nothing recorded
-            yield ShardBatch(number, url, last=True, error=f"cannot open ({error})", opened=False)
+        except Exception as error:  # a missing file, a pipe that cannot start
+            yield ShardBatch(number, url, last=True, error=f"cannot open ({error})")
             return
         try:
             members = tar_file_iterator(stream, handler=stop)
@@ -100,7 +109,7 @@ class WebdatasetImages(IterableDataset):
                 stream.close()  # a pipe: URL reports its command's failure here
             except Exception as error:
                 stop(error)
-        batch.last, batch.error = True, "; ".join(errors) or None
+        batch.last, batch.error = True, "; ".join(dict.fromkeys(errors)) or None  # a pipe fails at read and close
         yield self._finish(batch, decoded)
 
     def _add(self, batch: ShardBatch, decoded: list[torch.Tensor], sample: dict) -> None:

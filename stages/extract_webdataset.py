@@ -2,7 +2,8 @@
 
 Shard i goes to rank i % world_size (on one node or many: torchrun gives the ranks), then to one of
 that rank's DataLoader workers. When a shard's last batch is encoded, its .npy and .parquet files are
-written, then its record `shard-XXXXX.json`: a shard with a record is done, and `--resume` skips it.
+written, then its record `shard-XXXXX.json`: a shard with a record is done, and `--resume` skips it. A
+shard that could not be read to its end (a truncated tar, a failed pipe: command) gets no record.
 Rank 0 then lists every record in meta.json, and the store is whole.
 """
 
@@ -83,15 +84,12 @@ def _check_settings(output_dir: Path, settings: dict) -> None:
         )
 
 
-def _shard_note(url: str, results: _ShardResults, error: str | None) -> str | None:
-    """One line naming the shard, when something in it was skipped or it ended early (a corrupt member)."""
+def _shard_note(url: str, results: _ShardResults) -> str | None:
+    """One line naming a finished shard, when something in it was skipped or it held nothing."""
     seen = len(results.keys) + len(results.failures)
-    if not seen and error is None:
+    if not seen:
         return f"{url}: empty shard (no samples)"
-    parts = [f"{len(results.failures)} of {seen} sample(s) skipped"] if results.failures else []
-    if error is not None:
-        parts.append(f"ended early after {seen} sample(s): {error}")
-    return f"{url}: {'; '.join(parts)}" if parts else None
+    return f"{url}: {len(results.failures)} of {seen} sample(s) skipped" if results.failures else None
 
 
 def extract_webdataset(
@@ -182,11 +180,14 @@ def _encode_shards(
                 continue
             del pending[batch.shard]
             bar.update()
-            if not batch.opened:  # not recorded: --resume tries it again
-                notes.append(f"{batch.url}: {batch.error}; not done, run again with --resume to retry it")
+            if batch.error is not None:  # not recorded: its samples after the error are missing; --resume retries it
+                seen = len(results.keys) + len(results.failures)
+                notes.append(
+                    f"{batch.url}: {batch.error} after {seen} sample(s); not done, run again with --resume to retry it"
+                )
                 continue
             _write_shard(output_dir, batch.shard, results, encoder.row_shape, feature_dtype)
-            if (note := _shard_note(batch.url, results, batch.error)) is not None:
+            if (note := _shard_note(batch.url, results)) is not None:
                 notes.append(note)
     return notes
 

@@ -113,23 +113,43 @@ def test_webdataset_gives_the_features_and_captions_of_the_folder(dataset, tiny_
     assert torch.equal(read_features(piped).embeddings[:], from_shards.embeddings[:])
 
 
-def test_a_corrupt_member_ends_its_shard_and_a_missing_shard_is_retried(dataset, tiny_clip_dir, tmp_path, capsys):
+def test_a_truncated_or_missing_shard_is_not_done_and_resume_retries_it(dataset, tiny_clip_dir, tmp_path, capsys):
     shards = tmp_path / "in"
     shards.mkdir()
     data = (dataset / "shards" / "00003.tar").read_bytes()
     (shards / "00000.tar").write_bytes(data[:2500])  # cut inside the first image
-    (shards / "00001.tar").write_bytes(data)
+    (shards / "00001.tar").write_bytes((dataset / "shards" / "00000.tar").read_bytes())
     output = tmp_path / "store"
     pattern = str(shards / "{00000..00002}.tar")  # 00002.tar does not exist
-    with pytest.raises(InputError, match=r"1 of 3 shard\(s\) have no results, e\.g\. .*00002\.tar; .*--resume"):
+    with pytest.raises(InputError, match=r"2 of 3 shard\(s\) have no results, e\.g\. .*00000\.tar; .*--resume"):
         run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", pattern=pattern))
     out = capsys.readouterr().out
-    assert "00000.tar: ended early after 0 sample(s): " in out
+    assert "00000.tar: unexpected end of data after 0 sample(s); not done, run again with --resume" in out
     assert "00002.tar: cannot open" in out and not (output / META_FILE).exists()
-    (shards / "00002.tar").write_bytes(data)
+    (shards / "00002.tar").write_bytes((dataset / "shards" / "00001.tar").read_bytes())
+    with pytest.raises(InputError, match=r"1 of 3 shard\(s\) have no results, e\.g\. .*00000\.tar"):
+        run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", "--resume", pattern=pattern))
+    (shards / "00000.tar").write_bytes(data)  # downloaded again, whole
     run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", "--resume", pattern=pattern))
     meta = json.loads((output / META_FILE).read_text())
-    assert [shard["rows"] for shard in meta["store"]["shards"]] == [0, 3, 3]
+    assert [shard["rows"] for shard in meta["store"]["shards"]] == [3, 2, 1]
+
+
+def test_a_failed_pipe_command_is_not_done_and_resume_retries_it(dataset, tiny_clip_dir, tmp_path, capsys):
+    """webdataset reports a pipe: command's failure only as its stream ends or closes."""
+    shards = tmp_path / "in"
+    shards.mkdir()
+    (shards / "00000.tar").write_bytes((dataset / "shards" / "00000.tar").read_bytes())
+    output = tmp_path / "store"
+    pattern = f"pipe:cat {shards}/{{00000..00001}}.tar"  # 00001.tar does not exist yet: cat exits 1
+    with pytest.raises(InputError, match=r"1 of 2 shard\(s\) have no results, e\.g\. pipe:cat .*00001\.tar"):
+        run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", pattern=pattern))
+    out = capsys.readouterr().out
+    assert "00001.tar: its command exited with status 1 after 0 sample(s); not done" in out
+    assert not (output / META_FILE).exists()
+    (shards / "00001.tar").write_bytes((dataset / "shards" / "00001.tar").read_bytes())
+    run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", "--resume", pattern=pattern))
+    assert sorted(read_features(output).image_rows()) == ["img000", "img002", "img003"]
 
 
 def test_resume_after_a_kill_skips_finished_shards_and_gives_the_same_store(
