@@ -152,6 +152,41 @@ def test_a_failed_pipe_command_is_not_done_and_resume_retries_it(dataset, tiny_c
     assert sorted(read_features(output).image_rows()) == ["img000", "img002", "img003"]
 
 
+def write_tar(path: Path, members: list[tuple[str, bytes]], links: tuple[tuple[str, bytes, str], ...] = ()) -> None:
+    """A tar of `members` (name, data), then `links` (name, tarfile type, target): links, directories."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            add_member(tar, name, data)
+        for name, kind, target in links:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
+
+
+def test_shards_that_reuse_a_key_are_refused_naming_both(dataset, tiny_clip_dir, tmp_path):
+    """A key is its sample's image id: two samples with one key would become one image with both captions."""
+    shards = tmp_path / "in"
+    shards.mkdir()
+    for number in range(2):  # each shard numbers its samples from 000000
+        members = [(f"{key:06d}{extension}", data)
+                   for key in range(2)
+                   for extension, data in ((".jpg", image_bytes(tmp_path, f"img{number}{key}", "rgb")),
+                                           (".txt", f"picture {key} of shard {number}".encode()))]  # fmt: skip
+        write_tar(shards / f"{number:05d}.tar", members)
+    output = tmp_path / "store"
+    pattern = str(shards / "{00000..00001}.tar")
+    with pytest.raises(InputError, match=r"2 key\(s\) .*, e\.g\. '000000' in .*00000\.tar and .*00001\.tar"):
+        run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", pattern=pattern))
+    assert not (output / META_FILE).exists()
+    # Within one shard too, when the key comes back after another sample.
+    good = image_bytes(tmp_path, "img000", "rgb")
+    write_tar(shards / "again.tar", [(name, data) for key in ("a", "b", "a")
+                                     for name, data in ((f"{key}.jpg", good), (f"{key}.txt", b"text"))])  # fmt: skip
+    again = wds_args(dataset, tiny_clip_dir, tmp_path / "again", "--num_workers", "0", pattern=str(shards / "again.tar"))
+    with pytest.raises(InputError, match=r"1 key\(s\) .*, e\.g\. 'a' twice in .*again\.tar"):
+        run(again)
+
+
 def test_resume_after_a_kill_skips_finished_shards_and_gives_the_same_store(
     dataset, tiny_clip_dir, tmp_path, monkeypatch
 ):
