@@ -47,14 +47,6 @@ class ShardBatch:
     error: str | None = None
 
 
-def _describe(error: Exception, stream: object) -> str:
-    """Why a shard ended, in one line: a pipe: command's exit status, else the error's first argument."""
-    status = getattr(stream, "status", None)  # webdataset's Pipe: its own message repeats Popen's arguments
-    if isinstance(error, OSError) and status:
-        return f"its command exited with status {status}"
-    return (str(error.args[0]) if error.args else type(error).__name__).split(" @ ")[0]
-
-
 def pass_through(batch: ShardBatch) -> ShardBatch:
     """collate_fn for batches the dataset makes itself (a module function, so workers can pickle it)."""
     return batch
@@ -83,9 +75,13 @@ class WebdatasetImages(IterableDataset):
 
     def _read_shard(self, number: int, url: str) -> Iterator[ShardBatch]:
         errors: list[str] = []
+        exit_status: list[int] = []  # a pipe: URL's failed command, whatever its output did to the tar reader
 
         def stop(error: Exception) -> bool:  # webdataset's handler: note why, and end this shard
-            errors.append(_describe(error, stream))
+            if isinstance(error, OSError) and getattr(stream, "status", None):  # webdataset's Pipe
+                exit_status.append(stream.status)  # its message would repeat Popen's arguments
+            else:
+                errors.append((str(error.args[0]) if error.args else type(error).__name__).split(" @ ")[0])
             return False
 
         batch = ShardBatch(number, url)
@@ -109,7 +105,8 @@ class WebdatasetImages(IterableDataset):
                 stream.close()  # a pipe: URL reports its command's failure here
             except Exception as error:
                 stop(error)
-        batch.last, batch.error = True, "; ".join(dict.fromkeys(errors)) or None  # a pipe fails at read and close
+        batch.last = True
+        batch.error = f"its command exited with status {exit_status[0]}" if exit_status else "; ".join(errors) or None
         yield self._finish(batch, decoded)
 
     def _add(self, batch: ShardBatch, decoded: list[torch.Tensor], sample: dict) -> None:
