@@ -7,15 +7,17 @@ process that encodes knows when a shard's results are whole. Nothing is kept per
 its decoded pixels until its batch is yielded.
 """
 
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import torch
 import webdataset
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from data.errors import InputError
 from data.images import ImageReadError, decode_rgb
@@ -45,6 +47,22 @@ class ShardBatch:
     # With `last`: why the shard could not be read to its end (an unreadable URL, a truncated tar, a failed
     # pipe: command); such a shard is not done, and --resume reads it again.
     error: str | None = None
+
+
+def group_members(members: Iterable[dict]) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """Consecutive tar members with one key -> (key, [(extension, data), ...]), keyed as webdataset keys them
+    (the name up to its first dot, extensions lower-cased); unlike its group_by_keys, a repeated member name
+    stays in its sample, for the caller to refuse, instead of ending the shard."""
+    named = ((*base_plus_ext(member["fname"]), member["data"]) for member in members)
+    samples = itertools.groupby((entry for entry in named if entry[0] is not None), key=lambda entry: entry[0])
+    for key, entries in samples:
+        yield key, [(extension.lower(), data) for _, extension, data in entries]
+
+
+def _leaves_shard(key: str) -> bool:
+    """Whether a member's key is an absolute path or climbs with `..` (`../x`, `/etc/x`)."""
+    path = PurePosixPath(key)
+    return path.is_absolute() or ".." in path.parts
 
 
 def pass_through(batch: ShardBatch) -> ShardBatch:
@@ -92,9 +110,8 @@ class WebdatasetImages(IterableDataset):
             yield ShardBatch(number, url, last=True, error=f"cannot open ({error})")
             return
         try:
-            members = tar_file_iterator(stream, handler=stop)
-            for sample in group_by_keys(({**member, "__url__": url} for member in members), handler=stop):
-                self._add(batch, decoded, sample)
+            for key, members in group_members(tar_file_iterator(stream, handler=stop)):
+                self._add(batch, decoded, key, members)
                 if len(batch.keys) + len(batch.failures) >= self.batch_size:
                     yield self._finish(batch, decoded)
                     batch, decoded = ShardBatch(number, url), []
@@ -109,9 +126,17 @@ class WebdatasetImages(IterableDataset):
         batch.error = f"its command exited with status {exit_status[0]}" if exit_status else "; ".join(errors) or None
         yield self._finish(batch, decoded)
 
-    def _add(self, batch: ShardBatch, decoded: list[torch.Tensor], sample: dict) -> None:
-        key = sample["__key__"]
-        missing = [name for name in (self.image_key, self.caption_key) if name not in sample]
+    def _add(self, batch: ShardBatch, decoded: list[torch.Tensor], key: str, members: list[tuple[str, bytes]]) -> None:
+        if _leaves_shard(key):  # as an image id, it would name a path outside any images directory
+            batch.failures.append((key, "member name is absolute or has '..'"))
+            return
+        extensions = [extension for extension, _ in members]
+        wanted = (self.image_key, self.caption_key)
+        if repeated := [name for name in wanted if extensions.count(name) > 1]:  # which one is the sample's?
+            batch.failures.append((key, f"{extensions.count(repeated[0])} '{repeated[0]}' members"))
+            return
+        sample = dict(members)
+        missing = [name for name in wanted if name not in sample]
         if missing:
             batch.failures.append((key, f"no '{', '.join(missing)}' member"))
             return

@@ -187,6 +187,59 @@ def test_shards_that_reuse_a_key_are_refused_naming_both(dataset, tiny_clip_dir,
         run(again)
 
 
+def run_odd_shard(dataset: Path, model_dir: Path, tmp_path: Path, members: list[tuple[str, bytes]], links=()) -> dict:
+    """One shard of `members` (and `links`), then a good sample: the skipped samples' reasons, by key."""
+    good = image_bytes(tmp_path, "img000", "rgb")
+    write_tar(tmp_path / "odd.tar", members, links)
+    with tarfile.open(tmp_path / "odd.tar", "a") as tar:
+        add_member(tar, "last.jpg", good)
+        add_member(tar, "last.txt", b"a good sample")
+    output = tmp_path / "store"
+    run(wds_args(dataset, model_dir, output, "--num_workers", "0", pattern=str(tmp_path / "odd.tar")))
+    assert sorted(read_features(output).image_rows()) == ["last"]  # the shard went on past them
+    report = json.loads((tmp_path / "store.skipped.json").read_text())
+    return {entry["image_id"]: entry["reason"] for entry in report["skipped"]}
+
+
+def test_odd_members_are_skipped_by_name(dataset, tiny_clip_dir, tmp_path):
+    good = image_bytes(tmp_path, "img000", "rgb")
+    members = [
+        ("nocaption.jpg", good),
+        ("noimage.txt", b"a caption alone"),
+        ("text.jpg", b"not an image at all"), ("text.txt", b"a text file as the image"),
+        ("empty.jpg", b""), ("empty.txt", b"a zero-byte image"),
+        ("blank.jpg", good), ("blank.txt", b"  \n"),
+        ("latin.jpg", good), ("latin.txt", "caf\xe9".encode("latin-1")),
+        ("symlink.txt", b"its image is a link"), ("hardlink.txt", b"its image is a hard link"),
+    ]  # fmt: skip
+    links = (("symlink.jpg", tarfile.SYMTYPE, "/etc/hostname"), ("hardlink.jpg", tarfile.LNKTYPE, "text.jpg"),
+             ("folder.jpg", tarfile.DIRTYPE, ""))  # fmt: skip
+    reasons = run_odd_shard(dataset, tiny_clip_dir, tmp_path, members, links)
+    assert reasons == {
+        "nocaption": "no 'txt' member", "noimage": "no 'jpg' member", "text": "not an image",
+        "empty": "empty file", "blank": "empty caption", "latin": "caption is not UTF-8 text",
+        "symlink": "no 'jpg' member", "hardlink": "no 'jpg' member",  # links are never followed
+    }  # fmt: skip
+
+
+def test_member_names_that_leave_the_shard_are_skipped(dataset, tiny_clip_dir, tmp_path):
+    """Such a key would be an image id naming a path outside any images directory."""
+    good = image_bytes(tmp_path, "img000", "rgb")
+    members = [("../up.jpg", good), ("../up.txt", b"up"), ("/abs/root.jpg", good), ("/abs/root.txt", b"abs"),
+               ("dir/../../deep.jpg", good), ("dir/../../deep.txt", b"deep")]  # fmt: skip
+    reasons = run_odd_shard(dataset, tiny_clip_dir, tmp_path, members)
+    assert reasons == dict.fromkeys(["../up", "/abs/root", "dir/../../deep"], "member name is absolute or has '..'")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["img000.jpg", "odd.tar", "store", "store.skipped.json"]
+
+
+def test_a_sample_with_two_image_members_is_skipped_and_its_shard_goes_on(dataset, tiny_clip_dir, tmp_path):
+    good = image_bytes(tmp_path, "img000", "rgb")
+    members = [("twice.jpg", good), ("twice.jpg", good), ("twice.txt", b"which image?"),
+               ("twotexts.jpg", good), ("twotexts.txt", b"one"), ("twotexts.txt", b"two")]  # fmt: skip
+    reasons = run_odd_shard(dataset, tiny_clip_dir, tmp_path, members)
+    assert reasons == {"twice": "2 'jpg' members", "twotexts": "2 'txt' members"}
+
+
 def test_resume_after_a_kill_skips_finished_shards_and_gives_the_same_store(
     dataset, tiny_clip_dir, tmp_path, monkeypatch
 ):
