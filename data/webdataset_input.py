@@ -7,15 +7,17 @@ process that encodes knows when a shard's results are whole. Nothing is kept per
 its decoded pixels until its batch is yielded.
 """
 
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import torch
 import webdataset
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from data.errors import InputError
 from data.images import ImageReadError, decode_rgb
@@ -41,9 +43,26 @@ class ShardBatch:
     captions: list[str] = field(default_factory=list)
     pixels: torch.Tensor | None = None  # (b, 3, H, W)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
-    last: bool = False  # the shard's final batch: its results are complete
-    error: str | None = None  # with `last`: why the shard ended early (a corrupt member, an unreadable URL)
-    opened: bool = True  # False: the shard could not be opened at all (retried by --resume)
+    last: bool = False  # the shard's final batch
+    # With `last`: why the shard could not be read to its end (an unreadable URL, a truncated tar, a failed
+    # pipe: command); such a shard is not done, and --resume reads it again.
+    error: str | None = None
+
+
+def group_members(members: Iterable[dict]) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """Consecutive tar members with one key -> (key, [(extension, data), ...]), keyed as webdataset keys them
+    (the name up to its first dot, extensions lower-cased); unlike its group_by_keys, a repeated member name
+    stays in its sample, for the caller to refuse, instead of ending the shard."""
+    named = ((*base_plus_ext(member["fname"]), member["data"]) for member in members)
+    samples = itertools.groupby((entry for entry in named if entry[0] is not None), key=lambda entry: entry[0])
+    for key, entries in samples:
+        yield key, [(extension.lower(), data) for _, extension, data in entries]
+
+
+def _leaves_shard(key: str) -> bool:
+    """Whether a member's key is an absolute path or climbs with `..` (`../x`, `/etc/x`)."""
+    path = PurePosixPath(key)
+    return path.is_absolute() or ".." in path.parts
 
 
 def pass_through(batch: ShardBatch) -> ShardBatch:
@@ -74,22 +93,25 @@ class WebdatasetImages(IterableDataset):
 
     def _read_shard(self, number: int, url: str) -> Iterator[ShardBatch]:
         errors: list[str] = []
+        exit_status: list[int] = []  # a pipe: URL's failed command, whatever its output did to the tar reader
 
         def stop(error: Exception) -> bool:  # webdataset's handler: note why, and end this shard
-            errors.append((str(error.args[0]) if error.args else type(error).__name__).split(" @ ")[0])
+            if isinstance(error, OSError) and getattr(stream, "status", None):  # webdataset's Pipe
+                exit_status.append(stream.status)  # its message would repeat Popen's arguments
+            else:
+                errors.append((str(error.args[0]) if error.args else type(error).__name__).split(" @ ")[0])
             return False
 
         batch = ShardBatch(number, url)
         decoded: list[torch.Tensor] = []
         try:
             stream = webdataset.gopen(url)
-        except Exception as error:  # a missing file, a pipe that cannot start: nothing read, nothing recorded
-            yield ShardBatch(number, url, last=True, error=f"cannot open ({error})", opened=False)
+        except Exception as error:  # a missing file, a pipe that cannot start
+            yield ShardBatch(number, url, last=True, error=f"cannot open ({error})")
             return
         try:
-            members = tar_file_iterator(stream, handler=stop)
-            for sample in group_by_keys(({**member, "__url__": url} for member in members), handler=stop):
-                self._add(batch, decoded, sample)
+            for key, members in group_members(tar_file_iterator(stream, handler=stop)):
+                self._add(batch, decoded, key, members)
                 if len(batch.keys) + len(batch.failures) >= self.batch_size:
                     yield self._finish(batch, decoded)
                     batch, decoded = ShardBatch(number, url), []
@@ -100,12 +122,21 @@ class WebdatasetImages(IterableDataset):
                 stream.close()  # a pipe: URL reports its command's failure here
             except Exception as error:
                 stop(error)
-        batch.last, batch.error = True, "; ".join(errors) or None
+        batch.last = True
+        batch.error = f"its command exited with status {exit_status[0]}" if exit_status else "; ".join(errors) or None
         yield self._finish(batch, decoded)
 
-    def _add(self, batch: ShardBatch, decoded: list[torch.Tensor], sample: dict) -> None:
-        key = sample["__key__"]
-        missing = [name for name in (self.image_key, self.caption_key) if name not in sample]
+    def _add(self, batch: ShardBatch, decoded: list[torch.Tensor], key: str, members: list[tuple[str, bytes]]) -> None:
+        if _leaves_shard(key):  # as an image id, it would name a path outside any images directory
+            batch.failures.append((key, "member name is absolute or has '..'"))
+            return
+        extensions = [extension for extension, _ in members]
+        wanted = (self.image_key, self.caption_key)
+        if repeated := [name for name in wanted if extensions.count(name) > 1]:  # which one is the sample's?
+            batch.failures.append((key, f"{extensions.count(repeated[0])} '{repeated[0]}' members"))
+            return
+        sample = dict(members)
+        missing = [name for name in wanted if name not in sample]
         if missing:
             batch.failures.append((key, f"no '{', '.join(missing)}' member"))
             return

@@ -2,8 +2,9 @@
 
 Shard i goes to rank i % world_size (on one node or many: torchrun gives the ranks), then to one of
 that rank's DataLoader workers. When a shard's last batch is encoded, its .npy and .parquet files are
-written, then its record `shard-XXXXX.json`: a shard with a record is done, and `--resume` skips it.
-Rank 0 then lists every record in meta.json, and the store is whole.
+written, then its record `shard-XXXXX.json`: a shard with a record is done, and `--resume` skips it. A
+shard that could not be read to its end (a truncated tar, a failed pipe: command) gets no record.
+Rank 0 then lists every record in meta.json, once every sample key is unique, and the store is whole.
 """
 
 import argparse
@@ -13,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -83,15 +87,12 @@ def _check_settings(output_dir: Path, settings: dict) -> None:
         )
 
 
-def _shard_note(url: str, results: _ShardResults, error: str | None) -> str | None:
-    """One line naming the shard, when something in it was skipped or it ended early (a corrupt member)."""
+def _shard_note(url: str, results: _ShardResults) -> str | None:
+    """One line naming a finished shard, when something in it was skipped or it held nothing."""
     seen = len(results.keys) + len(results.failures)
-    if not seen and error is None:
+    if not seen:
         return f"{url}: empty shard (no samples)"
-    parts = [f"{len(results.failures)} of {seen} sample(s) skipped"] if results.failures else []
-    if error is not None:
-        parts.append(f"ended early after {seen} sample(s): {error}")
-    return f"{url}: {'; '.join(parts)}" if parts else None
+    return f"{url}: {len(results.failures)} of {seen} sample(s) skipped" if results.failures else None
 
 
 def extract_webdataset(
@@ -182,11 +183,14 @@ def _encode_shards(
                 continue
             del pending[batch.shard]
             bar.update()
-            if not batch.opened:  # not recorded: --resume tries it again
-                notes.append(f"{batch.url}: {batch.error}; not done, run again with --resume to retry it")
+            if batch.error is not None:  # not recorded: its samples after the error are missing; --resume retries it
+                seen = len(results.keys) + len(results.failures)
+                notes.append(
+                    f"{batch.url}: {batch.error} after {seen} sample(s); not done, run again with --resume to retry it"
+                )
                 continue
             _write_shard(output_dir, batch.shard, results, encoder.row_shape, feature_dtype)
-            if (note := _shard_note(batch.url, results, batch.error)) is not None:
+            if (note := _shard_note(batch.url, results)) is not None:
                 notes.append(note)
     return notes
 
@@ -236,6 +240,7 @@ def _finish_store(
             f"{len(missing)} of {len(urls)} shard(s) have no results, e.g. {missing[0]}; "
             "run the same command with --resume to retry them"
         )
+    _refuse_repeated_keys(output_dir, urls, records)
     skipped = [
         {"image_id": entry["image_id"], "shard": record["source"], "reason": entry["reason"]}
         for record in records
@@ -251,6 +256,26 @@ def _finish_store(
         _record_path(output_dir, number).unlink(missing_ok=True)
     (output_dir / SETTINGS_FILE).unlink(missing_ok=True)
     return WebdatasetResult(num_images, row_shape, skipped, skipped_file, notes)
+
+
+def _refuse_repeated_keys(output_dir: Path, urls: list[str], records: list[dict]) -> None:
+    """A key is its sample's image id: two samples with one key would be one image with both captions, so
+    that SCST and evaluation see fewer images than were encoded. Refused naming the key's shards."""
+    keys = [
+        pq.read_table(output_dir / f"{record['name']}.parquet", columns=["image_id"]).column(0).cast(pa.string())
+        for record in records
+    ]  # one caption per sample: one entry per kept sample; an empty shard's column is int64
+    counts = pc.value_counts(pa.chunked_array(keys, type=pa.string()))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if not len(repeated):
+        return
+    key = repeated[0]["values"].as_py()
+    first, second = [url for url, column in zip(urls, keys) for value in column.to_pylist() if value == key][:2]
+    where = f"twice in {first}" if first == second else f"in {first} and {second}"
+    raise InputError(
+        f"{len(repeated)} key(s) are used by more than one sample, e.g. {key!r} {where}; a sample's key "
+        "is its image id, so keys must be unique across the shards (rename them, then run again without --resume)"
+    )
 
 
 def webdataset_meta(spec: dict, precision: str, pattern: str, image_key: str, caption_key: str) -> dict:

@@ -113,23 +113,131 @@ def test_webdataset_gives_the_features_and_captions_of_the_folder(dataset, tiny_
     assert torch.equal(read_features(piped).embeddings[:], from_shards.embeddings[:])
 
 
-def test_a_corrupt_member_ends_its_shard_and_a_missing_shard_is_retried(dataset, tiny_clip_dir, tmp_path, capsys):
+def test_a_truncated_or_missing_shard_is_not_done_and_resume_retries_it(dataset, tiny_clip_dir, tmp_path, capsys):
     shards = tmp_path / "in"
     shards.mkdir()
     data = (dataset / "shards" / "00003.tar").read_bytes()
     (shards / "00000.tar").write_bytes(data[:2500])  # cut inside the first image
-    (shards / "00001.tar").write_bytes(data)
+    (shards / "00001.tar").write_bytes((dataset / "shards" / "00000.tar").read_bytes())
     output = tmp_path / "store"
     pattern = str(shards / "{00000..00002}.tar")  # 00002.tar does not exist
-    with pytest.raises(InputError, match=r"1 of 3 shard\(s\) have no results, e\.g\. .*00002\.tar; .*--resume"):
+    with pytest.raises(InputError, match=r"2 of 3 shard\(s\) have no results, e\.g\. .*00000\.tar; .*--resume"):
         run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", pattern=pattern))
     out = capsys.readouterr().out
-    assert "00000.tar: ended early after 0 sample(s): " in out
+    assert "00000.tar: unexpected end of data after 0 sample(s); not done, run again with --resume" in out
     assert "00002.tar: cannot open" in out and not (output / META_FILE).exists()
-    (shards / "00002.tar").write_bytes(data)
+    (shards / "00002.tar").write_bytes((dataset / "shards" / "00001.tar").read_bytes())
+    with pytest.raises(InputError, match=r"1 of 3 shard\(s\) have no results, e\.g\. .*00000\.tar"):
+        run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", "--resume", pattern=pattern))
+    (shards / "00000.tar").write_bytes(data)  # downloaded again, whole
     run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", "--resume", pattern=pattern))
     meta = json.loads((output / META_FILE).read_text())
-    assert [shard["rows"] for shard in meta["store"]["shards"]] == [0, 3, 3]
+    assert [shard["rows"] for shard in meta["store"]["shards"]] == [3, 2, 1]
+
+
+def test_a_failed_pipe_command_is_not_done_and_resume_retries_it(dataset, tiny_clip_dir, tmp_path, capsys):
+    """webdataset reports a pipe: command's failure only as its stream ends or closes."""
+    shards = tmp_path / "in"
+    shards.mkdir()
+    (shards / "00000.tar").write_bytes((dataset / "shards" / "00000.tar").read_bytes())
+    output = tmp_path / "store"
+    pattern = f"pipe:cat {shards}/{{00000..00001}}.tar"  # 00001.tar does not exist yet: cat exits 1
+    with pytest.raises(InputError, match=r"1 of 2 shard\(s\) have no results, e\.g\. pipe:cat .*00001\.tar"):
+        run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", pattern=pattern))
+    out = capsys.readouterr().out
+    assert "00001.tar: its command exited with status 1 after 0 sample(s); not done" in out
+    assert not (output / META_FILE).exists()
+    (shards / "00001.tar").write_bytes((dataset / "shards" / "00001.tar").read_bytes())
+    run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", "--resume", pattern=pattern))
+    assert sorted(read_features(output).image_rows()) == ["img000", "img002", "img003"]
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]], links: tuple[tuple[str, bytes, str], ...] = ()) -> None:
+    """A tar of `members` (name, data), then `links` (name, tarfile type, target): links, directories."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            add_member(tar, name, data)
+        for name, kind, target in links:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
+
+
+def test_shards_that_reuse_a_key_are_refused_naming_both(dataset, tiny_clip_dir, tmp_path):
+    """A key is its sample's image id: two samples with one key would become one image with both captions."""
+    shards = tmp_path / "in"
+    shards.mkdir()
+    for number in range(2):  # each shard numbers its samples from 000000
+        members = [(f"{key:06d}{extension}", data)
+                   for key in range(2)
+                   for extension, data in ((".jpg", image_bytes(tmp_path, f"img{number}{key}", "rgb")),
+                                           (".txt", f"picture {key} of shard {number}".encode()))]  # fmt: skip
+        write_tar(shards / f"{number:05d}.tar", members)
+    output = tmp_path / "store"
+    pattern = str(shards / "{00000..00001}.tar")
+    with pytest.raises(InputError, match=r"2 key\(s\) .*, e\.g\. '000000' in .*00000\.tar and .*00001\.tar"):
+        run(wds_args(dataset, tiny_clip_dir, output, "--num_workers", "0", pattern=pattern))
+    assert not (output / META_FILE).exists()
+    # Within one shard too, when the key comes back after another sample.
+    good = image_bytes(tmp_path, "img000", "rgb")
+    write_tar(shards / "again.tar", [(name, data) for key in ("a", "b", "a")
+                                     for name, data in ((f"{key}.jpg", good), (f"{key}.txt", b"text"))])  # fmt: skip
+    again = wds_args(dataset, tiny_clip_dir, tmp_path / "again", "--num_workers", "0", pattern=str(shards / "again.tar"))
+    with pytest.raises(InputError, match=r"1 key\(s\) .*, e\.g\. 'a' twice in .*again\.tar"):
+        run(again)
+
+
+def run_odd_shard(dataset: Path, model_dir: Path, tmp_path: Path, members: list[tuple[str, bytes]], links=()) -> dict:
+    """One shard of `members` (and `links`), then a good sample: the skipped samples' reasons, by key."""
+    good = image_bytes(tmp_path, "img000", "rgb")
+    write_tar(tmp_path / "odd.tar", members, links)
+    with tarfile.open(tmp_path / "odd.tar", "a") as tar:
+        add_member(tar, "last.jpg", good)
+        add_member(tar, "last.txt", b"a good sample")
+    output = tmp_path / "store"
+    run(wds_args(dataset, model_dir, output, "--num_workers", "0", pattern=str(tmp_path / "odd.tar")))
+    assert sorted(read_features(output).image_rows()) == ["last"]  # the shard went on past them
+    report = json.loads((tmp_path / "store.skipped.json").read_text())
+    return {entry["image_id"]: entry["reason"] for entry in report["skipped"]}
+
+
+def test_odd_members_are_skipped_by_name(dataset, tiny_clip_dir, tmp_path):
+    good = image_bytes(tmp_path, "img000", "rgb")
+    members = [
+        ("nocaption.jpg", good),
+        ("noimage.txt", b"a caption alone"),
+        ("text.jpg", b"not an image at all"), ("text.txt", b"a text file as the image"),
+        ("empty.jpg", b""), ("empty.txt", b"a zero-byte image"),
+        ("blank.jpg", good), ("blank.txt", b"  \n"),
+        ("latin.jpg", good), ("latin.txt", "caf\xe9".encode("latin-1")),
+        ("symlink.txt", b"its image is a link"), ("hardlink.txt", b"its image is a hard link"),
+    ]  # fmt: skip
+    links = (("symlink.jpg", tarfile.SYMTYPE, "/etc/hostname"), ("hardlink.jpg", tarfile.LNKTYPE, "text.jpg"),
+             ("folder.jpg", tarfile.DIRTYPE, ""))  # fmt: skip
+    reasons = run_odd_shard(dataset, tiny_clip_dir, tmp_path, members, links)
+    assert reasons == {
+        "nocaption": "no 'txt' member", "noimage": "no 'jpg' member", "text": "not an image",
+        "empty": "empty file", "blank": "empty caption", "latin": "caption is not UTF-8 text",
+        "symlink": "no 'jpg' member", "hardlink": "no 'jpg' member",  # links are never followed
+    }  # fmt: skip
+
+
+def test_member_names_that_leave_the_shard_are_skipped(dataset, tiny_clip_dir, tmp_path):
+    """Such a key would be an image id naming a path outside any images directory."""
+    good = image_bytes(tmp_path, "img000", "rgb")
+    members = [("../up.jpg", good), ("../up.txt", b"up"), ("/abs/root.jpg", good), ("/abs/root.txt", b"abs"),
+               ("dir/../../deep.jpg", good), ("dir/../../deep.txt", b"deep")]  # fmt: skip
+    reasons = run_odd_shard(dataset, tiny_clip_dir, tmp_path, members)
+    assert reasons == dict.fromkeys(["../up", "/abs/root", "dir/../../deep"], "member name is absolute or has '..'")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["img000.jpg", "odd.tar", "store", "store.skipped.json"]
+
+
+def test_a_sample_with_two_image_members_is_skipped_and_its_shard_goes_on(dataset, tiny_clip_dir, tmp_path):
+    good = image_bytes(tmp_path, "img000", "rgb")
+    members = [("twice.jpg", good), ("twice.jpg", good), ("twice.txt", b"which image?"),
+               ("twotexts.jpg", good), ("twotexts.txt", b"one"), ("twotexts.txt", b"two")]  # fmt: skip
+    reasons = run_odd_shard(dataset, tiny_clip_dir, tmp_path, members)
+    assert reasons == {"twice": "2 'jpg' members", "twotexts": "2 'txt' members"}
 
 
 def test_resume_after_a_kill_skips_finished_shards_and_gives_the_same_store(
