@@ -11,21 +11,31 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from types import ModuleType
 
 import torch
-import webdataset
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from data.errors import InputError
 from data.images import ImageReadError, decode_rgb
 
 
+def webdataset_library() -> ModuleType:
+    """The webdataset package, imported only when shards are read: folder input runs without it (the GPU
+    machine has none)."""
+    try:
+        import webdataset
+    except ImportError as error:
+        raise InputError(
+            f"reading webdataset shards needs the webdataset package ({error}): pip install webdataset"
+        ) from None
+    return webdataset
+
+
 def expand_shard_urls(pattern: str) -> list[str]:
     """`shards/{00000..00999}.tar` (or several joined by `::`) -> the list of shard URLs, in order."""
-    urls = expand_urls(pattern)
+    urls = webdataset_library().shardlists.expand_urls(pattern)
     if not urls or any(not url for url in urls):
         raise InputError(f"--input {pattern!r}: names no shard")
     if len(set(urls)) != len(urls):
@@ -53,6 +63,7 @@ def group_members(members: Iterable[dict]) -> Iterator[tuple[str, list[tuple[str
     """Consecutive tar members with one key -> (key, [(extension, data), ...]), keyed as webdataset keys them
     (the name up to its first dot, extensions lower-cased); unlike its group_by_keys, a repeated member name
     stays in its sample, for the caller to refuse, instead of ending the shard."""
+    base_plus_ext = webdataset_library().tariterators.base_plus_ext
     named = ((*base_plus_ext(member["fname"]), member["data"]) for member in members)
     samples = itertools.groupby((entry for entry in named if entry[0] is not None), key=lambda entry: entry[0])
     for key, entries in samples:
@@ -92,6 +103,7 @@ class WebdatasetImages(IterableDataset):
             yield from self._read_shard(number, url)
 
     def _read_shard(self, number: int, url: str) -> Iterator[ShardBatch]:
+        library = webdataset_library()
         errors: list[str] = []
         exit_status: list[int] = []  # a pipe: URL's failed command, whatever its output did to the tar reader
 
@@ -105,12 +117,12 @@ class WebdatasetImages(IterableDataset):
         batch = ShardBatch(number, url)
         decoded: list[torch.Tensor] = []
         try:
-            stream = webdataset.gopen(url)
+            stream = library.gopen(url)
         except Exception as error:  # a missing file, a pipe that cannot start
             yield ShardBatch(number, url, last=True, error=f"cannot open ({error})")
             return
         try:
-            for key, members in group_members(tar_file_iterator(stream, handler=stop)):
+            for key, members in group_members(library.tariterators.tar_file_iterator(stream, handler=stop)):
                 self._add(batch, decoded, key, members)
                 if len(batch.keys) + len(batch.failures) >= self.batch_size:
                     yield self._finish(batch, decoded)

@@ -1,6 +1,7 @@
 """bench/gpu_check.sh: one line and exit 1 without CUDA; reports written after every section."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,26 @@ def test_sections_fit_their_budget_and_reports_follow_each_section(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [section["rc"] for section in report["sections"]] == [0, 124]
     assert "| slow | 124 |" in (tmp_path / "gpu_check.md").read_text()
+
+
+# The GPU machine's packages: torch and transformers, but no webdataset, pycocoevalcap or wandb.
+ABSENT_ON_THE_GPU_MACHINE = ("webdataset", "pycocoevalcap", "wandb")
+
+
+def test_the_user_path_runs_with_the_gpu_machines_packages(tmp_path):
+    blockers = tmp_path / "blockers"  # first on the path: importing them fails, as where they are missing
+    blockers.mkdir()
+    for name in ABSENT_ON_THE_GPU_MACHINE:
+        (blockers / f"{name}.py").write_text(f"raise ImportError('{name} is not installed')\n")
+    result = subprocess.run(
+        [sys.executable, "bench/bench_pipeline.py", "--device", "cpu", "--tiny", "--num_images", "6"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(blockers)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    stages = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [stage["stage"].split()[0] for stage in stages] == ["parse_coco_clip.py", "train.py", "predict.py", "evaluate.py"]
+    assert all(stage["seconds"] > 0 and stage["peak_gpu_mib"] == 0 for stage in stages[:3])
+    assert stages[3] == {"stage": "evaluate.py (test split)", "skipped": "pycocoevalcap is not installed"}

@@ -286,6 +286,13 @@ def test_bad_flags_are_one_line(dataset, tiny_clip_dir, tmp_path):
         run(wds_args(dataset, tiny_clip_dir, tmp_path / "taken"))
 
 
+def test_without_the_webdataset_package_shards_are_one_line(dataset, tiny_clip_dir, tmp_path, monkeypatch):
+    """webdataset is imported when shards are read (folder input runs without it, as on the GPU machine)."""
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # `import webdataset` raises ImportError
+    with pytest.raises(InputError, match="needs the webdataset package"):
+        run(wds_args(dataset, tiny_clip_dir, tmp_path / "store"))
+
+
 def test_torchrun_two_gloo_processes_split_the_shards(dataset, tiny_clip_dir, tmp_path):
     """Each rank reads its shards (and each of its two workers one of them); rank 0 writes meta.json."""
     single = tmp_path / "single"
