@@ -5,7 +5,6 @@ and training-time evaluation."""
 import argparse
 import functools
 import inspect
-import math
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +12,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from data.errors import InputError
+from data.options import add_options, check_ranges, option, option_fields
 from models.captioner import ClipCaptionModel, Conditioning, cross_attention_inputs, lm_context_length
 from models.device import autocast
 
@@ -21,87 +21,48 @@ METHODS = ("greedy", "beam", "sample")
 
 @dataclass
 class DecodingOptions:
-    """How captions are decoded; checked on creation, errors name the command-line flag."""
+    """How captions are decoded, each field a flag of predict.py and evaluate.py (data/options.py); checked
+    on creation, errors name the command-line flag."""
 
-    method: str = "beam"  # greedy | beam | sample
-    beam_size: int = 5
-    num_captions: int = 1  # captions returned per image, best first
-    max_length: int = 67  # most tokens generated per caption (ClipCap's entry_length), the final one included
-    temperature: float = 1.0  # sampling only
-    top_p: float = 1.0  # sampling only: nucleus mass kept
-    top_k: int = 0  # sampling only: 0 keeps every token
-    seed: int | None = None  # sampling only: a fixed seed makes the draws reproducible
-    stop_token: str | None = None  # text of one token that also ends a caption (ClipCap: "."), kept in it
-    use_cache: bool = True  # False recomputes the whole sequence at every step (the tests' oracle)
+    method: str = option("beam", "decoding method", flag="decode", choices=METHODS, group="decoding")
+    beam_size: int = option(5, "beams per image for --decode beam", minimum=1, group="decoding")
+    num_captions: int = option(1, "captions per image, best first (beam, sample)", minimum=1, group="decoding")
+    max_length: int = option(
+        67, "most tokens per caption, the final one included (ClipCap's entry_length)", minimum=1, group="decoding"
+    )
+    temperature: float = option(1.0, "sampling temperature (--decode sample)", positive=True, group="decoding")
+    top_p: float = option(
+        1.0, "nucleus sampling: keep the likeliest tokens holding this mass, in (0, 1]", positive=True, group="decoding"
+    )
+    top_k: int = option(0, "sample among the k likeliest tokens (0: all)", minimum=0, group="decoding")
+    seed: int | None = option(None, "random seed for --decode sample (reproducible)", group="decoding")
+    stop_token: str | None = option(
+        None,
+        'a one-token text that also ends a caption, kept in it (predict.py --weights: "." unless given; "": EOS only)',
+        group="decoding",
+    )
+    use_cache: bool = True  # False recomputes the whole sequence at every step (the tests' oracle); not a flag
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"--decode {self.method}: choose from {', '.join(METHODS)}")
-        if self.beam_size < 1:
-            raise InputError(f"--beam_size {self.beam_size}: must be at least 1")
-        if self.num_captions < 1:
-            raise InputError(f"--num_captions {self.num_captions}: must be at least 1")
+        check_ranges(self)
         if self.method == "greedy" and self.num_captions != 1:
             raise InputError("--num_captions: greedy decoding gives one caption per image; use beam or sample")
         if self.method == "beam" and self.num_captions > self.beam_size:
             raise InputError(f"--num_captions {self.num_captions}: at most --beam_size ({self.beam_size})")
-        if self.max_length < 1:
-            raise InputError(f"--max_length {self.max_length}: must be at least 1")
-        if not 0 < self.temperature < math.inf:  # written so that NaN fails too
-            raise InputError(
-                f"--temperature {self.temperature}: must be positive and finite (for the argmax use --decode greedy)"
-            )
-        if not 0 < self.top_p <= 1:
+        if self.top_p > 1:
             raise InputError(f"--top_p {self.top_p}: must be in (0, 1]")
-        if self.top_k < 0:
-            raise InputError(f"--top_k {self.top_k}: must be 0 (off) or positive")
 
 
 def add_decoding_args(parser: argparse.ArgumentParser) -> None:
-    """The decoding flags shared by predict.py and evaluate.py."""
-    defaults = DecodingOptions()
-    group = parser.add_argument_group("decoding")
-    group.add_argument(
-        "--decode", choices=METHODS, default=defaults.method, help="decoding method (default: %(default)s)"
-    )
-    group.add_argument("--beam_size", type=int, default=defaults.beam_size, help="beams per image for --decode beam")
-    group.add_argument(
-        "--num_captions", type=int, default=defaults.num_captions, help="captions per image, best first (beam, sample)"
-    )
-    group.add_argument(
-        "--max_length", type=int, default=defaults.max_length, help="most tokens per caption (ClipCap: 67)"
-    )
-    group.add_argument(
-        "--temperature", type=float, default=defaults.temperature, help="sampling temperature (--decode sample)"
-    )
-    group.add_argument(
-        "--top_p",
-        type=float,
-        default=defaults.top_p,
-        help="nucleus sampling: keep the likeliest tokens holding this mass",
-    )
-    group.add_argument("--top_k", type=int, default=defaults.top_k, help="sample among the k likeliest tokens (0: all)")
-    group.add_argument("--seed", type=int, default=defaults.seed, help="random seed for --decode sample (reproducible)")
-    group.add_argument(
-        "--stop_token",
-        default=defaults.stop_token,
-        help='a one-token text that also ends a caption, kept in it (predict.py --weights: "." unless given; "": EOS only)',
-    )
+    """The decoding flags shared by predict.py and evaluate.py, from DecodingOptions' fields."""
+    add_options(parser, DecodingOptions, {"decoding": "decoding"})
 
 
 def decoding_options_from_args(args: argparse.Namespace) -> DecodingOptions:
     """DecodingOptions from the flags of add_decoding_args."""
-    return DecodingOptions(
-        method=args.decode,
-        beam_size=args.beam_size,
-        num_captions=args.num_captions,
-        max_length=args.max_length,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        stop_token=args.stop_token,
-    )
+    return DecodingOptions(**{field.name: getattr(args, field.name) for field in option_fields(DecodingOptions)})
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, stop_token: str | None) -> tuple[int, ...]:
