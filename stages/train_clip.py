@@ -119,12 +119,7 @@ class AlignmentTrainer:
             self._check_same_options(checkpoint, source)
         else:
             self._check_free()
-        self.train_data = CaptionedImages.read(args.captions_file, args.split, args.images_dir)
-        self.val_data = CaptionedImages.read(
-            args.val_captions_file or args.captions_file, args.val_split, args.images_dir
-        )
-        if args.val_captions_file is None and args.val_split == args.split:
-            raise InputError(f"--val_split {args.val_split} is the training split; validate on held-out images")
+        self.train_data, self.val_data = self._read_data()
 
         self.main_work = main_work_group(context)  # the other ranks wait there while rank 0 works alone
         self.scorer = ClipScorer(args.text_encoder, device, args.eval_batch_size, purpose="--text_encoder")
@@ -139,23 +134,10 @@ class AlignmentTrainer:
             "aligned", str(self.encoder_dir.resolve()), "projected", *self.preprocess_settings, text_dim
         )
         self.train_table = self.val_table = None
-        if args.train_text:
-            self.scorer.text_encoder.requires_grad_(True)
-            text_encoder = self.scorer.text_encoder
-        else:
-            text_encoder = None
-            self.train_table, self.val_table = self.frozen_text_tables()
-            self.scorer.model.to("cpu")  # frozen and cached: the text tower is not needed on the device again
-        self.model = ContrastivePair(self.image_encoder, text_encoder).to(device)
+        self.model = ContrastivePair(self.image_encoder, self._text_tower()).to(device)
         self.trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
-        no_decay = [self.model.log_logit_scale]  # decay would pull the temperature toward 1
-        decay = [parameter for parameter in self.trainable if parameter is not self.model.log_logit_scale]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=args.lr,
-        )
         self.steps_per_epoch = math.ceil(math.ceil(len(self.train_data.records) / context.world_size) / args.batch_size)
-        self.scheduler = SCHEDULES[args.schedule](self.optimizer, args.warmup_steps, args.epochs * self.steps_per_epoch)
+        self.optimizer, self.scheduler = self._optimizer_and_schedule()
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.position = RunPosition(
             data=texts_fingerprint([str(path) for path in self.train_data.paths] + self.train_data.texts)
@@ -171,6 +153,34 @@ class AlignmentTrainer:
         self.network = DistributedDataParallel(self.model, device_ids=device_ids) if context.enabled else self.model
         if (args.resume or args.overwrite) and context.is_main:
             self.files.remove_temporaries()
+
+    def _read_data(self) -> tuple[CaptionedImages, CaptionedImages]:
+        """The training and the validation images with their captions."""
+        args = self.args
+        if args.val_captions_file is None and args.val_split == args.split:
+            raise InputError(f"--val_split {args.val_split} is the training split; validate on held-out images")
+        train_data = CaptionedImages.read(args.captions_file, args.split, args.images_dir)
+        val_data = CaptionedImages.read(args.val_captions_file or args.captions_file, args.val_split, args.images_dir)
+        return train_data, val_data
+
+    def _text_tower(self) -> torch.nn.Module | None:
+        """The text tower trained with --train_text; else None, its caption embeddings cached once."""
+        if self.args.train_text:
+            return self.scorer.text_encoder.requires_grad_(True)
+        self.train_table, self.val_table = self.frozen_text_tables()
+        self.scorer.model.to("cpu")  # frozen and cached: the text tower is not needed on the device again
+        return None
+
+    def _optimizer_and_schedule(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """AdamW over the trainable weights (no decay on the temperature) and --schedule's learning rates."""
+        args = self.args
+        no_decay = [self.model.log_logit_scale]  # decay would pull the temperature toward 1
+        decay = [parameter for parameter in self.trainable if parameter is not self.model.log_logit_scale]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=args.lr,
+        )
+        return optimizer, SCHEDULES[args.schedule](optimizer, args.warmup_steps, args.epochs * self.steps_per_epoch)
 
     def frozen_text_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, D) cached embeddings of the training and the validation captions. Rank 0 embeds and caches
