@@ -32,7 +32,7 @@ class DecodingOptions:
     )
     temperature: float = option(1.0, "sampling temperature (--decode sample)", positive=True, group="decoding")
     top_p: float = option(
-        1.0, "nucleus sampling: keep the likeliest tokens holding this mass, in (0, 1]", positive=True, group="decoding"
+        1.0, "nucleus sampling: keep the likeliest tokens holding this mass, in (0, 1]", group="decoding"
     )
     top_k: int = option(0, "sample among the k likeliest tokens (0: all)", minimum=0, group="decoding")
     seed: int | None = option(None, "random seed for --decode sample (reproducible)", group="decoding")
@@ -51,7 +51,7 @@ class DecodingOptions:
             raise InputError("--num_captions: greedy decoding gives one caption per image; use beam or sample")
         if self.method == "beam" and self.num_captions > self.beam_size:
             raise InputError(f"--num_captions {self.num_captions}: at most --beam_size ({self.beam_size})")
-        if self.top_p > 1:
+        if not 0 < self.top_p <= 1:  # written so that NaN fails too
             raise InputError(f"--top_p {self.top_p}: must be in (0, 1]")
 
 
