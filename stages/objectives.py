@@ -32,6 +32,9 @@ class Objective(Protocol):
     def model_config(self, train_file: FeatureFile) -> CaptionerConfig:
         """The model's config, checked against the training file."""
 
+    def model_source(self) -> str:
+        """Where the model config's feature width and encoder come from, as errors name it."""
+
     def build_model(self, config: CaptionerConfig) -> ClipCaptionModel:
         """The model to train (CPU; the Trainer moves it)."""
 

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, get_constant_schedule_with_warmup
 
 from data.errors import InputError
-from data.features import FeatureFile
+from data.features import FeatureFile, check_same_encoder
 from data.references import ImageId, references_from_features
 from data.store import read_features
 from models.captioner import ClipCaptionModel, lm_context_length
@@ -233,7 +233,13 @@ class Scst:
                 f"--data {self.options.data} has {train_file.feature_dim}-d features, the --init_from "
                 f"checkpoint's mapper expects {config.feature_dim}-d"
             )
+        # Same width is not enough: features of another encoder would train silently under its name.
+        check_same_encoder(train_file, f"--data {self.options.data}", config.encoder, self.model_source())
         return config
+
+    def model_source(self) -> str:
+        """The --init_from checkpoint: its config, not --data, decides the features the model expects."""
+        return f"the --init_from checkpoint {self.options.init_from}"
 
     def build_model(self, config: CaptionerConfig) -> ClipCaptionModel:
         """The --init_from model, in train mode (a frozen LM stays frozen)."""

@@ -9,6 +9,7 @@ import torch
 
 import train
 from data.features import FeatureFile, write_feature_file
+from data.store import read_features
 from models.checkpoint import load_checkpoint
 from models.clip_score import ClipScorer
 from models.tiny import save_tiny_clip_model
@@ -140,6 +141,38 @@ def test_errors_are_one_line(tmp_path, data, checkpoint, capsys, clip_features):
         code, err = run_error(capsys, argv)
         assert code == 2 and message in err and len(err.splitlines()) == 1, (message, err)
     assert not out_dir.exists() or {path.name for path in out_dir.iterdir()} <= {"scst.lock"}  # nothing written
+
+
+def encoder_features(path, encoder: dict, feature_dim: int = 16):
+    """write_features's file of REFERENCES, recording `encoder` as the one that made its features."""
+    features = read_features(write_features(path, REFERENCES, feature_dim))
+    write_feature_file(path, FeatureFile(features.embeddings, features.captions, {**features.meta, "encoder": encoder}))
+    return path
+
+
+def test_features_of_another_encoder_than_the_checkpoints_are_refused(tmp_path, tiny_gpt2_dir, capsys):
+    clip = {"family": "clip", "name": "openai/clip-vit-base-patch32", "feature_type": "image_embeds"}
+    dino = {"family": "dinov2", "name": "facebook/dinov2-small", "feature_type": "cls"}
+    clip_data = encoder_features(tmp_path / "clip.pkl", clip)
+    checkpoint = cross_entropy_checkpoint(tmp_path / "ce", clip_data, tiny_gpt2_dir, "--epochs", "1")
+    checkpoint = checkpoint.with_name("coco_prefix-000.pt")  # --epochs 1 overrides its 8
+    capsys.readouterr()  # train.py's progress bars
+    dino_data = encoder_features(tmp_path / "dino.pkl", dino)  # the same width: only the encoder tells them apart
+    expected = f"the --init_from checkpoint {checkpoint} expects clip openai/clip-vit-base-patch32 (image_embeds)"
+    out_dir = tmp_path / "run"
+    cases = [
+        (scst_args(dino_data, checkpoint, out_dir), f"--data {dino_data} holds features of dinov2"),
+        (scst_args(clip_data, checkpoint, out_dir, "--val_data", str(dino_data)),
+         f"--val_data {dino_data} holds features of dinov2"),
+    ]  # fmt: skip
+    for argv, source in cases:
+        code, err = run_error(capsys, argv)
+        assert code == 2 and err.startswith(f"error: {source}") and err.endswith(expected), err
+        assert len(err.splitlines()) == 1
+    wide = write_features(tmp_path / "wide.pkl", REFERENCES, feature_dim=24)
+    code, err = run_error(capsys, scst_args(clip_data, checkpoint, out_dir, "--val_data", str(wide)))
+    assert code == 2 and err.endswith(f"has 24-d features, but the --init_from checkpoint {checkpoint} expects 16-d")
+    assert not out_dir.exists() or {path.name for path in out_dir.iterdir()} <= {"scst.lock"}
 
 
 def test_torchrun_splits_the_images_and_keeps_the_best_validation_cider(tmp_path, data, checkpoint):
