@@ -2,7 +2,6 @@
 loop), CLIP-S through models.clip_score, their weighted sum, and the baselines subtracted from them."""
 
 import math
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 
 from data.errors import InputError
 from data.references import ImageId
+from stages.ptb_tokenizer import ptb_tokens
 
 REWARDS = ("cider", "clip", "cider+clip")
 BASELINES = ("mean", "greedy")
@@ -18,26 +18,13 @@ BASELINES = ("mean", "greedy")
 PTB_PUNCTUATION = frozenset(
     ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
 )
-# What the PTB tokenizer makes a token of, in order of precedence (it splits clitics and punctuation,
-# keeps abbreviations, numbers and hyphenated words whole).
-_PTB_TOKEN = re.compile(
-    r"""(?:[a-z]\.){2,}        # abbreviations: u.s., p.m.
-    | \d+(?:[.:,]\d+)+        # numbers: 3.5, 5:30, 1,000
-    | \w+(?=n't\b) | n't\b    # "can't" -> "ca n't"
-    | '\w+                    # clitics: 's, 're, 'll
-    | \w+(?:[-/]\w+)*         # words, hyphenated words, cat/dog
-    | \.\.\. | -- | [^\w\s]   # punctuation and symbols
-    """,
-    re.VERBOSE,
-)
-# PTB's names for brackets (kept: the toolkit removes only their upper-case forms); quotes become `` and ''.
-_PTB_RENAMED = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-", '"': "''"}
 
 
 def normalize_caption(text: str) -> str:
-    """A caption as the PTB tokenizer step leaves it: lowercase words, punctuation tokens removed."""
-    tokens = (_PTB_RENAMED.get(token, token) for token in _PTB_TOKEN.findall(text.lower()))
-    return " ".join(token for token in tokens if token not in PTB_PUNCTUATION)
+    """A caption as pycocoevalcap's PTB tokenizer step leaves it: its white space collapsed (as
+    stages.evaluate.ptb_tokenize does), tokenized and lowercased as PTBTokenizer does (see
+    stages.ptb_tokenizer for where it may still differ), punctuation tokens removed."""
+    return " ".join(token for token in ptb_tokens(" ".join(text.split())) if token not in PTB_PUNCTUATION)
 
 
 class CiderD:
