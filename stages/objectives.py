@@ -53,7 +53,7 @@ class Objective(Protocol):
 
     def loss(self, network: torch.nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss to minimize on a batch (on the device; `network` is DDP-wrapped under torchrun) and
-        figures of this rank's batch to log beside it."""
+        figures to log beside it (rank 0's are written: figures of all ranks are the objective's to reduce)."""
 
 
 OBJECTIVES: dict[str, type[Objective]] = {

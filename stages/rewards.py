@@ -174,10 +174,15 @@ def mean_of_others(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def policy_gradient_loss(
-    token_log_probs: torch.Tensor, token_mask: torch.Tensor, advantages: torch.Tensor
+    token_log_probs: torch.Tensor,
+    token_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    num_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """-sum((r - b) * log p(token)) over the sampled tokens, divided by their number (EOS counted).
+    """-sum((r - b) * log p(token)) over the sampled tokens, divided by `num_tokens` (default: their number,
+    EOS counted; under torchrun, what makes DDP's mean over ranks the loss of all ranks' tokens).
 
     token_log_probs, token_mask: (N, T); advantages: (N,), one per sampled caption, no gradient."""
     weighted = token_log_probs * token_mask * advantages.detach().unsqueeze(1)
-    return -weighted.sum() / token_mask.sum().clamp(min=1)
+    divisor = token_mask.sum() if num_tokens is None else num_tokens
+    return -weighted.sum() / divisor.clamp(min=1)

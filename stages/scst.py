@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, get_constant_schedule_with_warmup
@@ -167,8 +168,10 @@ def scst_loss(
     max_length: int,
     baseline: str,
     precision: str,
+    world_size: int = 1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One SCST loss for a batch of images (B, D) on the model's device, and its statistics.
+    """One SCST loss for a batch of images (B, D) on the model's device, and its statistics over the
+    samples of every rank (a collective when world_size > 1: every rank calls it once a step).
 
     Sampling and the teacher-forced pass both run without dropout, so the log-probabilities are those
     of the policy that drew the samples. Samples come from torch's global RNG (saved for --resume)."""
@@ -194,12 +197,16 @@ def scst_loss(
     with autocast(device, precision):
         log_probs = token_log_probs(network, features.repeat_interleave(num_samples, dim=0), tokens, mask)
     advantages = (rewards - baselines).flatten().to(device)
-    loss = policy_gradient_loss(log_probs, mask, advantages)
-    stats = {
-        "reward": rewards.mean().item(),
-        "baseline": baselines.mean().item(),
-        "sample_length": mask.sum(dim=1).float().mean().item(),
-    }
+    # Sums over every rank's samples (built from numbers: the mask is on the device, the rewards on the CPU).
+    counts = [mask.sum().item(), rewards.sum().item(), baselines.sum().item(), mask.shape[0]]
+    totals = torch.tensor(counts, dtype=torch.float64, device=device)  # (tokens, reward sum, baseline sum, samples)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    # DDP averages the ranks' gradients: dividing by the mean token count per rank makes that average the
+    # gradient of all tokens over their number, the step one process takes at world_size times --bs.
+    loss = policy_gradient_loss(log_probs, mask, advantages, num_tokens=totals[0].float() / world_size)
+    tokens, reward_sum, baseline_sum, samples = totals.tolist()
+    stats = {"reward": reward_sum / samples, "baseline": baseline_sum / samples, "sample_length": tokens / samples}
     return loss, stats
 
 
@@ -275,7 +282,7 @@ class Scst:
         return get_constant_schedule_with_warmup(optimizer, warmup_steps)
 
     def loss(self, network: torch.nn.Module, batch: ImageBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """SCST's loss on a batch of images, with the mean reward, baseline and sample length."""
+        """SCST's loss on a batch of images, with the mean reward, baseline and sample length of all ranks."""
         image_ids = [self.images.image_ids[index] for index in batch.indices.tolist()]
         was_training = network.training
         network.eval()  # no dropout: the log-probabilities are those of the sampling policy
@@ -291,6 +298,7 @@ class Scst:
                 max_length=self.options.max_length,
                 baseline=self.options.baseline,
                 precision=self.precision,
+                world_size=self.context.world_size,
             )
         finally:
             network.train(was_training)

@@ -14,8 +14,35 @@ from models.checkpoint import load_checkpoint
 from models.clip_score import ClipScorer
 from models.tiny import save_tiny_clip_model
 from stages.train import Trainer
-from tests.conftest import REPO, TOKENIZER_TEXTS
+from tests.conftest import REPO, TOKENIZER_TEXTS, run_torchrun
 from tests.test_training import CAPTIONS, crash_at_step, read_log, train_args, write_features
+
+# train.py --scst with a deterministic sampler: each image's samples are prefixes of the training captions,
+# of lengths that differ by image and sample, so the same images give the same samples however they are
+# split over ranks, and their CIDEr-D differs (nonzero advantages).
+FIXED_SAMPLES = """
+import sys
+import train
+import stages.scst
+from models.decoding import Hypothesis
+from stages.scst import Scst
+from tests.test_training import CAPTIONS
+batch = []
+scst_loss = Scst.loss
+def recording_loss(self, network, images):
+    batch[:] = [(self.tokenizer, index) for index in images.indices.tolist()]
+    return scst_loss(self, network, images)
+def decode(model, conditioning, eos_token_id, options):
+    return [
+        [Hypothesis(tokenizer(CAPTIONS[(image + k) % len(CAPTIONS)])["input_ids"][: (5 * image + k) % 7 + 1]
+                    + [eos_token_id], 0.0, 0.0)
+         for k in range(options.num_captions)]
+        for tokenizer, image in batch
+    ]
+Scst.loss = recording_loss
+stages.scst.decode = decode
+train.main(train.parse_args(sys.argv[1:]))
+"""
 
 # Two references per image: the captions of two neighbours, so no single caption is right everywhere.
 REFERENCES = [[text, CAPTIONS[(row + 1) % len(CAPTIONS)]] for row, text in enumerate(CAPTIONS)]
@@ -173,6 +200,31 @@ def test_features_of_another_encoder_than_the_checkpoints_are_refused(tmp_path, 
     code, err = run_error(capsys, scst_args(clip_data, checkpoint, out_dir, "--val_data", str(wide)))
     assert code == 2 and err.endswith(f"has 24-d features, but the --init_from checkpoint {checkpoint} expects 16-d")
     assert not out_dir.exists() or {path.name for path in out_dir.iterdir()} <= {"scst.lock"}
+
+
+def test_torchrun_takes_the_steps_of_one_process_at_twice_the_batch(tmp_path, data, checkpoint):
+    # 8 images: 2 ranks of 2 images a step against 1 process of 4, 2 steps an epoch; the ranks' samples
+    # hold unequal numbers of tokens, so dividing by each rank's own count would weigh them wrongly.
+    common = ("--epochs", "2", "--lr", "1e-3")
+    ddp_args = scst_args(data, checkpoint, tmp_path / "ddp", *common, "--bs", "2")
+    ddp = run_torchrun(["--no-python", sys.executable, "-c", FIXED_SAMPLES, *ddp_args])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single_args = scst_args(data, checkpoint, tmp_path / "single", *common, "--bs", "4")
+    single = subprocess.run([sys.executable, "-c", FIXED_SAMPLES, *single_args], cwd=REPO, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp_steps = [record for record in read_log(tmp_path / "ddp", "scst") if "loss" in record]
+    single_steps = [record for record in read_log(tmp_path / "single", "scst") if "loss" in record]
+    assert len(ddp_steps) == len(single_steps) == 4
+    for ddp_step, single_step in zip(ddp_steps, single_steps, strict=True):
+        assert single_step["loss"] != 0 and single_step["reward"] > 0
+        for name in ("loss", "reward", "baseline", "sample_length"):
+            assert ddp_step[name] == pytest.approx(single_step[name], rel=1e-5, abs=1e-7), (name, ddp_step, single_step)
+    ddp_weights = torch.load(tmp_path / "ddp" / "scst-001.pt", weights_only=True)["model"]
+    single_weights = torch.load(tmp_path / "single" / "scst-001.pt", weights_only=True)["model"]
+    initial = torch.load(checkpoint, weights_only=True)["model"]
+    assert not all(torch.equal(single_weights[name], initial[name]) for name in single_weights)  # they moved
+    for name, tensor in single_weights.items():
+        torch.testing.assert_close(ddp_weights[name], tensor, rtol=1e-4, atol=1e-6)
 
 
 def test_torchrun_splits_the_images_and_keeps_the_best_validation_cider(tmp_path, data, checkpoint):
