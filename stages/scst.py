@@ -214,7 +214,10 @@ class Scst:
     """SCST's objective: the model from --init_from, images for data (--bs of them a batch), a constant
     learning rate after --warmup_steps, and the policy-gradient loss of sampled captions."""
 
-    identity = ("scst", "init_from", "reward", "baseline", "scst_samples", "clip_weight", "max_length")
+    # The CLIP model and its image embeddings decide a clip reward as much as its weight does.
+    identity = (
+        "scst", "init_from", "reward", "baseline", "scst_samples", "clip_weight", "max_length", "clip_model", "clip_features",
+    )  # fmt: skip
     default_warmup_steps = 0  # a constant rate from the first step
 
     def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device, precision: str):

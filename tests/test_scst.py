@@ -1,6 +1,7 @@
 """train.py --scst end to end on tiny models: every reward and baseline, the reward rising, exact resume,
 a frozen LM staying frozen, and one-line errors."""
 
+import shutil
 import subprocess
 import sys
 
@@ -122,11 +123,12 @@ def test_every_reward_and_baseline_runs(tmp_path, data, checkpoint, clip_feature
         assert all(record["reward"] <= 2.5 for record in steps)  # CLIP-S is at most 2.5
 
 
-def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, data, checkpoint, monkeypatch):
+@pytest.mark.parametrize("crash_step", [2, 3])  # killed mid-epoch (saved after step 1), or between epochs
+def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, data, checkpoint, monkeypatch, crash_step):
     common = ("--epochs", "2", "--save_latest_every", "1")
     train.main(train.parse_args(scst_args(data, checkpoint, tmp_path / "straight", *common)))
     interrupted = tmp_path / "interrupted"
-    crash_at_step(monkeypatch, Trainer, 3, scst_args(data, checkpoint, interrupted, *common))
+    crash_at_step(monkeypatch, Trainer, crash_step, scst_args(data, checkpoint, interrupted, *common))
     resume = ("--resume", str(interrupted))
     train.main(train.parse_args(scst_args(data, checkpoint, interrupted, *common, *resume)))
     expected = torch.load(tmp_path / "straight" / "scst-001.pt", weights_only=True)["model"]
@@ -134,6 +136,37 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, data, chec
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
     straight_log = [r["reward"] for r in read_log(tmp_path / "straight", "scst") if "loss" in r]
     assert [r["reward"] for r in read_log(interrupted, "scst") if "loss" in r] == straight_log
+
+
+def test_resume_with_another_reward_setting_is_refused_in_one_line(
+    tmp_path, data, checkpoint, clip_features, monkeypatch, capsys
+):
+    clip_model, features_file = clip_features
+    reward = ("--reward", "cider+clip", "--clip_model", clip_model, "--clip_features", str(features_file))
+    common = ("--epochs", "2", "--save_latest_every", "1", *reward, "--clip_weight", "0.5")
+    run = tmp_path / "run"
+    crash_at_step(monkeypatch, Trainer, 2, scst_args(data, checkpoint, run, *common))  # saved after step 1
+    features = read_features(features_file)
+    other_clip = shutil.copytree(clip_model, tmp_path / "other_clip")  # another CLIP, and its image_embeds
+    encoder = {**features.meta["encoder"], "name": ClipScorer(str(other_clip)).name}
+    other_clip_features = tmp_path / "other_clip.pkl"
+    write_feature_file(other_clip_features, FeatureFile(features.embeddings, features.captions, {"encoder": encoder}))
+    other_embeddings = tmp_path / "other_embeddings.pkl"  # the same CLIP's, other values
+    write_feature_file(other_embeddings, FeatureFile(-features.embeddings, features.captions, features.meta))
+    capsys.readouterr()
+    cases = [
+        (("--reward", "cider"), "reward is 'cider' here but 'cider+clip'"),
+        (("--clip_weight", "2.0"), "clip_weight is 2.0 here but 0.5"),
+        (("--baseline", "greedy"), "baseline is 'greedy' here but 'mean'"),
+        (("--scst_samples", "3"), "scst_samples is 3 here but 4"),
+        (("--clip_model", str(other_clip), "--clip_features", str(other_clip_features)),
+         f"clip_model is {str(other_clip)!r} here but {clip_model!r}"),
+        (("--clip_features", str(other_embeddings)), f"clip_features is {str(other_embeddings)!r} here"),
+    ]  # fmt: skip
+    for changed, message in cases:
+        code, err = run_error(capsys, scst_args(data, checkpoint, run, *common, *changed, "--resume", str(run)))
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (message, err)
+    assert torch.load(run / "scst_latest.pt", weights_only=True)["position"]["step"] == 1  # nothing trained on
 
 
 def run_error(capsys, argv: list[str]) -> tuple[int, str]:
