@@ -17,16 +17,14 @@ from transformers import PreTrainedTokenizerBase, get_constant_schedule_with_war
 
 from data.errors import InputError
 from data.features import FeatureFile, check_same_encoder
-from data.references import ImageId, references_from_features
-from data.store import read_features
+from data.references import ImageId
 from models.captioner import ClipCaptionModel, lm_context_length
-from models.clip_score import ClipScorer, holds_image_embeds_of
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_text, decode
 from models.device import autocast
 from models.hf_export import load_captioner
 from stages.distributed import DistributedContext
-from stages.rewards import CiderD, mean_of_others, normalize_caption, policy_gradient_loss
+from stages.rewards import REWARD_TERMS, REWARDS, RewardInputs, RewardTerm, mean_of_others, policy_gradient_loss
 from stages.train_options import TrainingOptions
 
 
@@ -66,8 +64,9 @@ def collate_images(items: list[tuple[torch.Tensor, int]]) -> ImageBatch:
 
 
 class RewardScorer:
-    """The reward of a caption for its image: CIDEr-D against the image's references in --data
-    (document frequencies from all of them), CLIP-S, or CIDEr-D + clip_weight * CLIP-S."""
+    """The reward of a caption for its image: the weighted sum of the terms that --reward adds up
+    (stages/rewards.py's REWARDS): CIDEr-D against the image's references in --data, CLIP-S, or
+    CIDEr-D + clip_weight * CLIP-S."""
 
     def __init__(
         self,
@@ -80,59 +79,18 @@ class RewardScorer:
         clip_weight: float = 1.0,
         device: torch.device | str = "cpu",
     ):
-        self.reward, self.clip_weight = reward, clip_weight
-        self.cider = self.clip = None
-        if "cider" in reward:
-            references = references_from_features(train_file)
-            normalized = {
-                image_id: [normalize_caption(c) for c in captions] for image_id, captions in references.items()
-            }
-            self.cider = CiderD(normalized)
-        if "clip" in reward:
-            if not clip_model:
-                raise InputError(
-                    f"--reward {reward} needs --clip_model (a CLIP name, id or directory with both towers)"
-                )
-            self.clip = ClipScorer(clip_model, device)
-            self.image_embeds = clip_image_embeddings(self.clip.name, train_file, data_name, clip_features)
+        inputs = RewardInputs(reward, train_file, data_name, clip_model, clip_features, clip_weight, device)
+        self.terms: list[tuple[float, RewardTerm]] = [
+            (getattr(inputs, weight) if isinstance(weight, str) else weight, REWARD_TERMS[name](inputs))
+            for name, weight in REWARDS[reward].items()
+        ]
 
     def __call__(self, image_ids: list[ImageId], captions: list[str]) -> torch.Tensor:
         """One reward per caption, float32 on the CPU. (N,)"""
         rewards = torch.zeros(len(captions))
-        if self.cider is not None:
-            rewards += torch.tensor(self.cider.scores(image_ids, [normalize_caption(c) for c in captions]))
-        if self.clip is not None:
-            embeds = torch.stack([self.image_embeds[image_id] for image_id in image_ids])
-            weight = self.clip_weight if self.cider is not None else 1.0
-            rewards += weight * self.clip.clip_s(embeds, captions).cpu()
+        for weight, term in self.terms:
+            rewards += weight * term(image_ids, captions)
         return rewards
-
-
-def clip_image_embeddings(
-    clip_name: str, train_file: FeatureFile, data_name: str, clip_features: str | None
-) -> dict[ImageId, torch.Tensor]:
-    """Each training image's CLIP image embedding: from --data when it holds this model's image_embeds,
-    else from --clip_features, a parse_coco_clip.py file of this model over the same images."""
-    if clip_features is None:
-        source, source_name = train_file, data_name
-        if not holds_image_embeds_of(train_file, clip_name):
-            raise InputError(
-                f"--data {data_name} does not hold image_embeds of {clip_name}; give --clip_features, "
-                f"a parse_coco_clip.py --clip_model_type {clip_name} file over the same images"
-            )
-    else:
-        source, source_name = read_features(clip_features), clip_features
-        if not holds_image_embeds_of(source, clip_name):
-            encoder = source.meta.get("encoder", {}) or {}
-            raise InputError(
-                f"--clip_features {clip_features} holds features of {encoder.get('name', 'an unrecorded encoder')}, "
-                f"not the image_embeds of --clip_model {clip_name}"
-            )
-    rows = source.image_rows()
-    missing = [image_id for image_id in train_file.image_rows() if image_id not in rows]
-    if missing:
-        raise InputError(f"{source_name} lacks {len(missing)} image(s) of --data, e.g. {missing[0]!r}")
-    return {image_id: source.embeddings[rows[image_id]] for image_id in train_file.image_rows()}
 
 
 def sampled_batch(hypotheses: list[list], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
