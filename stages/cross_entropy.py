@@ -54,6 +54,10 @@ class CrossEntropy:
         """The architecture from the flags, the feature width and encoder from the feature file."""
         return captioner_config(self.options, train_file)
 
+    def model_source(self) -> str:
+        """The training file: its features decide the model's."""
+        return f"--data {self.options.data}"
+
     def build_model(self, config: CaptionerConfig) -> ClipCaptionModel:
         """A fresh mapper on the LM of the config (frozen with --only_prefix)."""
         model = build_captioner(config)

@@ -32,6 +32,9 @@ class Objective(Protocol):
     def model_config(self, train_file: FeatureFile) -> CaptionerConfig:
         """The model's config, checked against the training file."""
 
+    def model_source(self) -> str:
+        """Where the model config's feature width and encoder come from, as errors name it."""
+
     def build_model(self, config: CaptionerConfig) -> ClipCaptionModel:
         """The model to train (CPU; the Trainer moves it)."""
 
@@ -50,7 +53,7 @@ class Objective(Protocol):
 
     def loss(self, network: torch.nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss to minimize on a batch (on the device; `network` is DDP-wrapped under torchrun) and
-        figures of this rank's batch to log beside it."""
+        figures to log beside it (rank 0's are written: figures of all ranks are the objective's to reduce)."""
 
 
 OBJECTIVES: dict[str, type[Objective]] = {

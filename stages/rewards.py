@@ -1,43 +1,35 @@
 """SCST's rewards: CIDEr-D in Python, as the COCO caption toolkit computes it (no Java in the training
-loop), CLIP-S through models.clip_score, their weighted sum, and the baselines subtracted from them."""
+loop), CLIP-S through models.clip_score, the reward terms by name and the --reward choices that add them up,
+and the baselines subtracted from them."""
 
 import math
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from data.errors import InputError
-from data.references import ImageId
+from data.features import FeatureFile
+from data.references import ImageId, references_from_features
+from data.store import read_features
+from models.clip_score import ClipScorer, holds_image_embeds_of
+from stages.ptb_tokenizer import ptb_tokens
 
-REWARDS = ("cider", "clip", "cider+clip")
 BASELINES = ("mean", "greedy")
 # Tokens the COCO toolkit's PTB tokenizer step removes (pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS;
 # spelled out here so that training does not import the toolkit).
 PTB_PUNCTUATION = frozenset(
     ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
 )
-# What the PTB tokenizer makes a token of, in order of precedence (it splits clitics and punctuation,
-# keeps abbreviations, numbers and hyphenated words whole).
-_PTB_TOKEN = re.compile(
-    r"""(?:[a-z]\.){2,}        # abbreviations: u.s., p.m.
-    | \d+(?:[.:,]\d+)+        # numbers: 3.5, 5:30, 1,000
-    | \w+(?=n't\b) | n't\b    # "can't" -> "ca n't"
-    | '\w+                    # clitics: 's, 're, 'll
-    | \w+(?:[-/]\w+)*         # words, hyphenated words, cat/dog
-    | \.\.\. | -- | [^\w\s]   # punctuation and symbols
-    """,
-    re.VERBOSE,
-)
-# PTB's names for brackets (kept: the toolkit removes only their upper-case forms); quotes become `` and ''.
-_PTB_RENAMED = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-", '"': "''"}
 
 
 def normalize_caption(text: str) -> str:
-    """A caption as the PTB tokenizer step leaves it: lowercase words, punctuation tokens removed."""
-    tokens = (_PTB_RENAMED.get(token, token) for token in _PTB_TOKEN.findall(text.lower()))
-    return " ".join(token for token in tokens if token not in PTB_PUNCTUATION)
+    """A caption as pycocoevalcap's PTB tokenizer step leaves it: its white space collapsed (as
+    stages.evaluate.ptb_tokenize does), tokenized and lowercased as PTBTokenizer does (see
+    stages.ptb_tokenizer for where it may still differ), punctuation tokens removed."""
+    return " ".join(token for token in ptb_tokens(" ".join(text.split())) if token not in PTB_PUNCTUATION)
 
 
 class CiderD:
@@ -178,6 +170,97 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(lengths.sum())) + offsets
 
 
+@dataclass(frozen=True)
+class RewardInputs:
+    """What the reward terms are built from: the --reward choice (as errors name it), --data's features (its
+    references and images) and name, the clip flags, and the device CLIP runs on."""
+
+    reward: str
+    train_file: FeatureFile
+    data_name: str
+    clip_model: str | None = None
+    clip_features: str | None = None
+    clip_weight: float = 1.0
+    device: torch.device | str = "cpu"
+
+
+class RewardTerm(Protocol):
+    """One part of a reward, built once from the RewardInputs (REWARD_TERMS names each)."""
+
+    def __call__(self, image_ids: Sequence[ImageId], captions: Sequence[str]) -> torch.Tensor:
+        """One reward per caption for its image, float32 on the CPU. (N,)"""
+
+
+class CiderReward:
+    """CIDEr-D against the image's references in --data (document frequencies from all of them)."""
+
+    def __init__(self, inputs: RewardInputs):
+        references = references_from_features(inputs.train_file)
+        self.cider = CiderD(
+            {image_id: [normalize_caption(c) for c in captions] for image_id, captions in references.items()}
+        )
+
+    def __call__(self, image_ids: Sequence[ImageId], captions: Sequence[str]) -> torch.Tensor:
+        """CIDEr-D of each caption, float32 on the CPU. (N,)"""
+        scores = self.cider.scores(image_ids, [normalize_caption(caption) for caption in captions])
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+class ClipReward:
+    """CLIP-S of --clip_model, from the image's CLIP embedding (in --data, or in --clip_features)."""
+
+    def __init__(self, inputs: RewardInputs):
+        if not inputs.clip_model:
+            raise InputError(
+                f"--reward {inputs.reward} needs --clip_model (a CLIP name, id or directory with both towers)"
+            )
+        self.clip = ClipScorer(inputs.clip_model, inputs.device)
+        self.image_embeds = clip_image_embeddings(
+            self.clip.name, inputs.train_file, inputs.data_name, inputs.clip_features
+        )
+
+    def __call__(self, image_ids: Sequence[ImageId], captions: Sequence[str]) -> torch.Tensor:
+        """CLIP-S of each caption, float32 on the CPU. (N,)"""
+        embeds = torch.stack([self.image_embeds[image_id] for image_id in image_ids])
+        return self.clip.clip_s(embeds, list(captions)).cpu()
+
+
+def clip_image_embeddings(
+    clip_name: str, train_file: FeatureFile, data_name: str, clip_features: str | None
+) -> dict[ImageId, torch.Tensor]:
+    """Each training image's CLIP image embedding: from --data when it holds this model's image_embeds,
+    else from --clip_features, a parse_coco_clip.py file of this model over the same images."""
+    if clip_features is None:
+        source, source_name = train_file, data_name
+        if not holds_image_embeds_of(train_file, clip_name):
+            raise InputError(
+                f"--data {data_name} does not hold image_embeds of {clip_name}; give --clip_features, "
+                f"a parse_coco_clip.py --clip_model_type {clip_name} file over the same images"
+            )
+    else:
+        source, source_name = read_features(clip_features), clip_features
+        if not holds_image_embeds_of(source, clip_name):
+            encoder = source.meta.get("encoder", {}) or {}
+            raise InputError(
+                f"--clip_features {clip_features} holds features of {encoder.get('name', 'an unrecorded encoder')}, "
+                f"not the image_embeds of --clip_model {clip_name}"
+            )
+    rows = source.image_rows()
+    missing = [image_id for image_id in train_file.image_rows() if image_id not in rows]
+    if missing:
+        raise InputError(f"{source_name} lacks {len(missing)} image(s) of --data, e.g. {missing[0]!r}")
+    return {image_id: source.embeddings[rows[image_id]] for image_id in train_file.image_rows()}
+
+
+REWARD_TERMS: dict[str, Callable[[RewardInputs], RewardTerm]] = {"cider": CiderReward, "clip": ClipReward}
+# Each --reward choice: the terms it adds up, with their weights (a number, or the RewardInputs field of a flag).
+REWARDS: dict[str, dict[str, float | str]] = {
+    "cider": {"cider": 1.0},
+    "clip": {"clip": 1.0},
+    "cider+clip": {"cider": 1.0, "clip": "clip_weight"},
+}
+
+
 def mean_of_others(rewards: torch.Tensor) -> torch.Tensor:
     """Each sample's baseline: the mean reward of its image's other samples (Luo 2020). (B, K) -> (B, K)."""
     num_samples = rewards.shape[1]
@@ -187,10 +270,15 @@ def mean_of_others(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def policy_gradient_loss(
-    token_log_probs: torch.Tensor, token_mask: torch.Tensor, advantages: torch.Tensor
+    token_log_probs: torch.Tensor,
+    token_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    num_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """-sum((r - b) * log p(token)) over the sampled tokens, divided by their number (EOS counted).
+    """-sum((r - b) * log p(token)) over the sampled tokens, divided by `num_tokens` (default: their number,
+    EOS counted; under torchrun, what makes DDP's mean over ranks the loss of all ranks' tokens).
 
     token_log_probs, token_mask: (N, T); advantages: (N,), one per sampled caption, no gradient."""
     weighted = token_log_probs * token_mask * advantages.detach().unsqueeze(1)
-    return -weighted.sum() / token_mask.sum().clamp(min=1)
+    divisor = token_mask.sum() if num_tokens is None else num_tokens
+    return -weighted.sum() / divisor.clamp(min=1)

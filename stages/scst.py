@@ -10,22 +10,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, get_constant_schedule_with_warmup
 
 from data.errors import InputError
-from data.features import FeatureFile
-from data.references import ImageId, references_from_features
-from data.store import read_features
+from data.features import FeatureFile, check_same_encoder
+from data.references import ImageId
 from models.captioner import ClipCaptionModel, lm_context_length
-from models.clip_score import ClipScorer, holds_image_embeds_of
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_text, decode
 from models.device import autocast
 from models.hf_export import load_captioner
 from stages.distributed import DistributedContext
-from stages.rewards import CiderD, mean_of_others, normalize_caption, policy_gradient_loss
+from stages.rewards import REWARD_TERMS, REWARDS, RewardInputs, RewardTerm, mean_of_others, policy_gradient_loss
 from stages.train_options import TrainingOptions
 
 
@@ -65,8 +64,9 @@ def collate_images(items: list[tuple[torch.Tensor, int]]) -> ImageBatch:
 
 
 class RewardScorer:
-    """The reward of a caption for its image: CIDEr-D against the image's references in --data
-    (document frequencies from all of them), CLIP-S, or CIDEr-D + clip_weight * CLIP-S."""
+    """The reward of a caption for its image: the weighted sum of the terms that --reward adds up
+    (stages/rewards.py's REWARDS): CIDEr-D against the image's references in --data, CLIP-S, or
+    CIDEr-D + clip_weight * CLIP-S."""
 
     def __init__(
         self,
@@ -79,59 +79,18 @@ class RewardScorer:
         clip_weight: float = 1.0,
         device: torch.device | str = "cpu",
     ):
-        self.reward, self.clip_weight = reward, clip_weight
-        self.cider = self.clip = None
-        if "cider" in reward:
-            references = references_from_features(train_file)
-            normalized = {
-                image_id: [normalize_caption(c) for c in captions] for image_id, captions in references.items()
-            }
-            self.cider = CiderD(normalized)
-        if "clip" in reward:
-            if not clip_model:
-                raise InputError(
-                    f"--reward {reward} needs --clip_model (a CLIP name, id or directory with both towers)"
-                )
-            self.clip = ClipScorer(clip_model, device)
-            self.image_embeds = clip_image_embeddings(self.clip.name, train_file, data_name, clip_features)
+        inputs = RewardInputs(reward, train_file, data_name, clip_model, clip_features, clip_weight, device)
+        self.terms: list[tuple[float, RewardTerm]] = [
+            (getattr(inputs, weight) if isinstance(weight, str) else weight, REWARD_TERMS[name](inputs))
+            for name, weight in REWARDS[reward].items()
+        ]
 
     def __call__(self, image_ids: list[ImageId], captions: list[str]) -> torch.Tensor:
         """One reward per caption, float32 on the CPU. (N,)"""
         rewards = torch.zeros(len(captions))
-        if self.cider is not None:
-            rewards += torch.tensor(self.cider.scores(image_ids, [normalize_caption(c) for c in captions]))
-        if self.clip is not None:
-            embeds = torch.stack([self.image_embeds[image_id] for image_id in image_ids])
-            weight = self.clip_weight if self.cider is not None else 1.0
-            rewards += weight * self.clip.clip_s(embeds, captions).cpu()
+        for weight, term in self.terms:
+            rewards += weight * term(image_ids, captions)
         return rewards
-
-
-def clip_image_embeddings(
-    clip_name: str, train_file: FeatureFile, data_name: str, clip_features: str | None
-) -> dict[ImageId, torch.Tensor]:
-    """Each training image's CLIP image embedding: from --data when it holds this model's image_embeds,
-    else from --clip_features, a parse_coco_clip.py file of this model over the same images."""
-    if clip_features is None:
-        source, source_name = train_file, data_name
-        if not holds_image_embeds_of(train_file, clip_name):
-            raise InputError(
-                f"--data {data_name} does not hold image_embeds of {clip_name}; give --clip_features, "
-                f"a parse_coco_clip.py --clip_model_type {clip_name} file over the same images"
-            )
-    else:
-        source, source_name = read_features(clip_features), clip_features
-        if not holds_image_embeds_of(source, clip_name):
-            encoder = source.meta.get("encoder", {}) or {}
-            raise InputError(
-                f"--clip_features {clip_features} holds features of {encoder.get('name', 'an unrecorded encoder')}, "
-                f"not the image_embeds of --clip_model {clip_name}"
-            )
-    rows = source.image_rows()
-    missing = [image_id for image_id in train_file.image_rows() if image_id not in rows]
-    if missing:
-        raise InputError(f"{source_name} lacks {len(missing)} image(s) of --data, e.g. {missing[0]!r}")
-    return {image_id: source.embeddings[rows[image_id]] for image_id in train_file.image_rows()}
 
 
 def sampled_batch(hypotheses: list[list], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,8 +126,10 @@ def scst_loss(
     max_length: int,
     baseline: str,
     precision: str,
+    world_size: int = 1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One SCST loss for a batch of images (B, D) on the model's device, and its statistics.
+    """One SCST loss for a batch of images (B, D) on the model's device, and its statistics over the
+    samples of every rank (a collective when world_size > 1: every rank calls it once a step).
 
     Sampling and the teacher-forced pass both run without dropout, so the log-probabilities are those
     of the policy that drew the samples. Samples come from torch's global RNG (saved for --resume)."""
@@ -194,12 +155,16 @@ def scst_loss(
     with autocast(device, precision):
         log_probs = token_log_probs(network, features.repeat_interleave(num_samples, dim=0), tokens, mask)
     advantages = (rewards - baselines).flatten().to(device)
-    loss = policy_gradient_loss(log_probs, mask, advantages)
-    stats = {
-        "reward": rewards.mean().item(),
-        "baseline": baselines.mean().item(),
-        "sample_length": mask.sum(dim=1).float().mean().item(),
-    }
+    # Sums over every rank's samples (built from numbers: the mask is on the device, the rewards on the CPU).
+    counts = [mask.sum().item(), rewards.sum().item(), baselines.sum().item(), mask.shape[0]]
+    totals = torch.tensor(counts, dtype=torch.float64, device=device)  # (tokens, reward sum, baseline sum, samples)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    # DDP averages the ranks' gradients: dividing by the mean token count per rank makes that average the
+    # gradient of all tokens over their number, the step one process takes at world_size times --bs.
+    loss = policy_gradient_loss(log_probs, mask, advantages, num_tokens=totals[0].float() / world_size)
+    tokens, reward_sum, baseline_sum, samples = totals.tolist()
+    stats = {"reward": reward_sum / samples, "baseline": baseline_sum / samples, "sample_length": tokens / samples}
     return loss, stats
 
 
@@ -207,7 +172,10 @@ class Scst:
     """SCST's objective: the model from --init_from, images for data (--bs of them a batch), a constant
     learning rate after --warmup_steps, and the policy-gradient loss of sampled captions."""
 
-    identity = ("scst", "init_from", "reward", "baseline", "scst_samples", "clip_weight", "max_length")
+    # The CLIP model and its image embeddings decide a clip reward as much as its weight does.
+    identity = (
+        "scst", "init_from", "reward", "baseline", "scst_samples", "clip_weight", "max_length", "clip_model", "clip_features",
+    )  # fmt: skip
     default_warmup_steps = 0  # a constant rate from the first step
 
     def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device, precision: str):
@@ -233,7 +201,13 @@ class Scst:
                 f"--data {self.options.data} has {train_file.feature_dim}-d features, the --init_from "
                 f"checkpoint's mapper expects {config.feature_dim}-d"
             )
+        # Same width is not enough: features of another encoder would train silently under its name.
+        check_same_encoder(train_file, f"--data {self.options.data}", config.encoder, self.model_source())
         return config
+
+    def model_source(self) -> str:
+        """The --init_from checkpoint: its config, not --data, decides the features the model expects."""
+        return f"the --init_from checkpoint {self.options.init_from}"
 
     def build_model(self, config: CaptionerConfig) -> ClipCaptionModel:
         """The --init_from model, in train mode (a frozen LM stays frozen)."""
@@ -269,7 +243,7 @@ class Scst:
         return get_constant_schedule_with_warmup(optimizer, warmup_steps)
 
     def loss(self, network: torch.nn.Module, batch: ImageBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """SCST's loss on a batch of images, with the mean reward, baseline and sample length."""
+        """SCST's loss on a batch of images, with the mean reward, baseline and sample length of all ranks."""
         image_ids = [self.images.image_ids[index] for index in batch.indices.tolist()]
         was_training = network.training
         network.eval()  # no dropout: the log-probabilities are those of the sampling policy
@@ -285,6 +259,7 @@ class Scst:
                 max_length=self.options.max_length,
                 baseline=self.options.baseline,
                 precision=self.precision,
+                world_size=self.context.world_size,
             )
         finally:
             network.train(was_training)

@@ -187,14 +187,13 @@ class Trainer:
 
     def _val_set(self, val_file: FeatureFile) -> Dataset:
         """The validation captions, checked against the model: their loss is cross-entropy whatever the objective."""
+        expected_by = self.objective.model_source()
         if val_file.feature_dim != self.config.feature_dim:
             raise InputError(
                 f"--val_data {self.options.val_data} has {val_file.feature_dim}-d features, "
-                f"--data has {self.config.feature_dim}-d"
+                f"but {expected_by} expects {self.config.feature_dim}-d"
             )
-        check_same_encoder(
-            val_file, f"--val_data {self.options.val_data}", self.config.encoder, f"--data {self.options.data}"
-        )
+        check_same_encoder(val_file, f"--val_data {self.options.val_data}", self.config.encoder, expected_by)
         return caption_dataset(val_file, self.tokenizer, self.model, self.options.cache_dir, self.context)
 
     def _restore(self, checkpoint: dict, source: Path) -> None:

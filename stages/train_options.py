@@ -174,7 +174,7 @@ class TrainingOptions(TrackingOptions):
         group="scst",
         usage=("scst",),
     )
-    reward: str = option("cider", "cider (CIDEr-D), clip (CLIP-S) or their sum", choices=REWARDS, group="scst", usage=("scst",))
+    reward: str = option("cider", "cider (CIDEr-D), clip (CLIP-S) or their sum", choices=list(REWARDS), group="scst", usage=("scst",))
     baseline: str = option(
         "mean",
         "mean of the image's other samples, or its greedy caption's",
