@@ -1,6 +1,7 @@
 """Building, saving and loading captioners. `load_checkpoint(path)` rebuilds a model from the config
-stored in a train.py checkpoint alone. predict.py, evaluate.py and SCST open a captioner through one door, `load_captioner(path)`
-in models/hf_export.py, which takes a checkpoint (here) or an export directory alike."""
+stored in a train.py checkpoint alone. predict.py, evaluate.py and SCST open a captioner through one
+door, `load_captioner(path)` in models/hf_export.py, which takes a checkpoint (here) or an export
+directory alike."""
 
 import os
 import re
