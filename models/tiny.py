@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from tokenizers import ByteLevelBPETokenizer, Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     CLIPConfig,
     CLIPModel,
     CLIPTokenizer,
@@ -169,5 +171,37 @@ def save_tiny_gpt2(
     )
     directory = Path(directory)
     GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# Each causal family's config keys for a tiny size: width 64, 2 blocks, 4 heads, 128 positions.
+TINY_LM_SIZES = {
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128},
+    "gptj": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128, "rotary_dim": 8},
+    "gpt_neox": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+                 "max_position_embeddings": 128},
+    "opt": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_dim": 128,
+            "max_position_embeddings": 128, "word_embed_proj_dim": 64},
+    "llama": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 128, "max_position_embeddings": 128},
+    "qwen2": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 128, "max_position_embeddings": 128},
+    "mistral": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "intermediate_size": 128, "max_position_embeddings": 128, "sliding_window": None},
+    "phi": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+            "max_position_embeddings": 128},
+}  # fmt: skip
+
+
+def save_tiny_causal_lm(directory: str | os.PathLike, family: str, texts: Iterable[str], seed: int = 0) -> Path:
+    """A tiny causal LM of `family` (a TINY_LM_SIZES key, transformers' model_type) with random weights and
+    the byte-level tokenizer trained on `texts`, saved together as a hub model is."""
+    tokenizer = train_tokenizer(texts)
+    torch.manual_seed(seed)
+    ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), **ids, **TINY_LM_SIZES[family])
+    directory = Path(directory)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -1,0 +1,85 @@
+"""The prefix captioner over causal LMs of every common family (tiny random configs, loaded by path):
+train.py's loss falls, and decoding agrees with itself (cached, batched, beam 1) and with transformers'
+own `generate(inputs_embeds=...)` token for token."""
+
+import pytest
+import torch
+
+import train
+from models.checkpoint import build_captioner, load_checkpoint, load_lm, load_tokenizer
+from models.config import CaptionerConfig
+from models.decoding import DecodingOptions, decode
+from models.tiny import TINY_LM_SIZES, save_tiny_causal_lm
+from tests.conftest import TOKENIZER_TEXTS
+from tests.test_training import CAPTIONS, FEATURE_DIM, read_log, train_args, write_features
+
+NUM_IMAGES = 5
+MAX_LENGTH = 12
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_LM_SIZES))
+def lm_dir(request, tmp_path_factory):
+    return save_tiny_causal_lm(tmp_path_factory.mktemp(request.param), request.param, TOKENIZER_TEXTS)
+
+
+@pytest.fixture(scope="module")
+def captioner(lm_dir):
+    torch.manual_seed(0)
+    config = CaptionerConfig(feature_dim=FEATURE_DIM, prefix_length=4, mapping_type="mlp", lm_name=str(lm_dir))
+    return build_captioner(config, load_lm(str(lm_dir))).eval()
+
+
+@pytest.fixture(scope="module")
+def conditioning(captioner):
+    features = torch.randn(NUM_IMAGES, FEATURE_DIM, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return captioner.condition(features)
+
+
+def greedy_tokens(captioner, conditioning, eos: int, **options) -> list[list[int]]:
+    options = {"method": "greedy", "max_length": MAX_LENGTH, **options}
+    return [group[0].tokens for group in decode(captioner, conditioning, eos, DecodingOptions(**options))]
+
+
+def test_greedy_equals_transformers_generate(captioner, conditioning, lm_dir):
+    eos = load_tokenizer(str(lm_dir)).eos_token_id
+    prefix = conditioning.prefix
+    with torch.no_grad():
+        generated = captioner.gpt.generate(
+            inputs_embeds=prefix,
+            attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
+            max_new_tokens=MAX_LENGTH,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    theirs = []
+    for row in generated.tolist():  # with inputs_embeds alone, generate returns the new tokens only
+        theirs.append(row[: row.index(eos) + 1] if eos in row else row)
+    assert greedy_tokens(captioner, conditioning, eos) == theirs
+
+
+def test_cached_batched_and_beam_one_decoding_agree(captioner, conditioning, lm_dir):
+    eos = load_tokenizer(str(lm_dir)).eos_token_id
+    cached = greedy_tokens(captioner, conditioning, eos)
+    assert greedy_tokens(captioner, conditioning, eos, use_cache=False) == cached
+    one_at_a_time = [
+        greedy_tokens(captioner, type(conditioning)(conditioning.prefix[i : i + 1]), eos)[0] for i in range(NUM_IMAGES)
+    ]
+    assert one_at_a_time == cached
+    assert greedy_tokens(captioner, conditioning, eos, method="beam", beam_size=1) == cached
+
+
+def test_train_py_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, lm_dir):
+    data = write_features(tmp_path / "train.pkl", [[text] * 2 for text in CAPTIONS])
+    out_dir = tmp_path / "run"
+    args = train_args(data, out_dir, lm_dir, "--bs", "8", "--epochs", "6", "--save_every", "100", "--lr", "1e-2")
+    model = train.main(train.parse_args(args))
+    losses = [record["loss"] for record in read_log(out_dir) if "loss" in record]
+    assert sum(losses[-2:]) / 2 < 0.5 * losses[0]
+    loaded = load_checkpoint(out_dir / "coco_prefix_latest.pt")
+    features = torch.randn(3, FEATURE_DIM, generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model.eval()(features, tokens, torch.ones_like(tokens)).logits
+        assert torch.equal(loaded(features, tokens, torch.ones_like(tokens)).logits, expected)
