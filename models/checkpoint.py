@@ -41,6 +41,13 @@ def load_lm(name: str, cross_attention: bool = False) -> PreTrainedModel:
         transformers_logging.set_verbosity_error()  # its report lists the new layers as "missing": expected
     try:
         lm = AutoModelForCausalLM.from_pretrained(name, **extra)
+    except TypeError as error:
+        if cross_attention:  # the model class takes no add_cross_attention: Llama, OPT, GPT-NeoX, ...
+            raise InputError(
+                f"language model {name!r} has no cross-attention layers for --mapping_type xattn "
+                f"(GPT-2's family has them); use a prefix mapper: --mapping_type mlp or transformer"
+            ) from None
+        raise InputError(f"cannot load language model {name!r}: {first_line(error)}") from None
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load language model {name!r}: {first_line(error)}") from None
     finally:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+from data.errors import InputError
 from models.checkpoint import build_captioner, load_checkpoint, load_lm, load_tokenizer
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, decode
@@ -83,3 +84,14 @@ def test_train_py_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, lm_dir):
     with torch.no_grad():
         expected = model.eval()(features, tokens, torch.ones_like(tokens)).logits
         assert torch.equal(loaded(features, tokens, torch.ones_like(tokens)).logits, expected)
+
+
+def test_xattn_with_an_lm_without_cross_attention_is_one_line(tmp_path):
+    llama = save_tiny_causal_lm(tmp_path / "llama", "llama", TOKENIZER_TEXTS)
+    with pytest.raises(InputError, match="has no cross-attention layers for --mapping_type xattn .*GPT-2's family"):
+        load_lm(str(llama), cross_attention=True)
+
+
+def test_a_model_that_is_no_causal_lm_is_one_line(tiny_clip_dir):
+    with pytest.raises(InputError, match="cannot load language model"):
+        load_lm(str(tiny_clip_dir))
