@@ -2,6 +2,7 @@
 
 import io
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,19 +76,23 @@ def decode_rgb(data: bytes, name: str, resize_dim: int | None = None) -> Image.I
 
 def _decode(source: Path | io.BytesIO, name: str | os.PathLike, resize_dim: int | None) -> Image.Image:
     try:
-        with Image.open(source) as image:
-            if resize_dim is not None:
-                width, height = resized_size(*image.size, resize_dim)
-                if width * height > MAX_RESIZED_PIXELS:
-                    raise ImageReadError(
-                        name,
-                        f"too large once resized ({width}x{height}, over {MAX_RESIZED_PIXELS // 10**6} megapixels)",
-                    )
-            image.load()  # decode now: a truncated file fails here, not later in a transform
-            return _to_rgb(image)
+        with warnings.catch_warnings():
+            # Between MAX_IMAGE_PIXELS and twice it PIL only warns, and decodes: a 100 kB PNG of 170 megapixels
+            # would cost gigabytes. Refused at the limit, from the header.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                if resize_dim is not None:
+                    width, height = resized_size(*image.size, resize_dim)
+                    if width * height > MAX_RESIZED_PIXELS:
+                        raise ImageReadError(
+                            name,
+                            f"too large once resized ({width}x{height}, over {MAX_RESIZED_PIXELS // 10**6} megapixels)",
+                        )
+                image.load()  # decode now: a truncated file fails here, not later in a transform
+                return _to_rgb(image)
     except UnidentifiedImageError:
         raise ImageReadError(name, "not an image") from None
-    except Image.DecompressionBombError as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageReadError(name, f"too large ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:  # PIL reports corrupt data with these
         raise ImageReadError(name, f"cannot decode ({error})") from None

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -24,6 +26,7 @@ from data.atomic import torch_save_atomic, write_json_atomic
 from data.errors import InputError, first_line
 from models.captioner import ClipCaptionModel, is_cross_attention_weight
 from models.config import CaptionerConfig
+from models.encoders import check_encoder_spec
 
 # Buffers that GPT-2 checkpoints from older transformers carry and current ones do not.
 LEGACY_LM_BUFFERS = (".attn.bias", ".attn.masked_bias")
@@ -82,20 +85,41 @@ def captioner_tokenizer(model: ClipCaptionModel) -> PreTrainedTokenizerBase:
     return load_tokenizer(model.config.lm_name, model.gpt.config)
 
 
-def lm_from_config(lm_config: dict[str, Any]) -> PreTrainedModel:
-    """An LM with the architecture in `lm_config` (random weights, to be overwritten)."""
+def unbuildable(source: str, error: BaseException) -> InputError:
+    """The one line for a config no module can be built from; transformers' validation errors span lines."""
+    return InputError(f"{source}: the config describes no buildable model: {' '.join(str(error).split())[:300]}")
+
+
+def lm_config_object(lm_config: dict[str, Any], source: str) -> PretrainedConfig:
+    """The transformers config `lm_config` describes (its aliases resolved, e.g. GPT-2's num_hidden_layers)."""
+    model_type = lm_config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:  # transformers' message lists them all
+        raise InputError(f"{source}: the LM config's model_type {model_type!r} is not a transformers model type")
     try:
-        config = AutoConfig.for_model(**lm_config)
+        return AutoConfig.for_model(**lm_config)
+    except (KeyError, TypeError, ValueError, StrictDataclassError) as error:
+        raise unbuildable(source, error) from None
+
+
+def lm_from_config(lm_config: dict[str, Any], source: str) -> PreTrainedModel:
+    """An LM with the architecture in `lm_config` (random weights, to be overwritten)."""
+    config = lm_config_object(lm_config, source)
+    try:
         return AutoModelForCausalLM.from_config(config)
     except (KeyError, TypeError, ValueError) as error:
-        raise InputError(f"the checkpoint's lm_config describes no buildable LM: {first_line(error)}") from None
+        raise unbuildable(source, error) from None
 
 
-def meta_captioner(config: CaptionerConfig, lm: PreTrainedModel | None = None) -> ClipCaptionModel:
+def meta_captioner(config: CaptionerConfig, lm: PreTrainedModel | None, source: str) -> ClipCaptionModel:
     """The captioner `config` describes, its new modules on the meta device: every shape, no memory.
     The LM is `lm`, else built from `config.lm_config`."""
-    with torch.device("meta"):
-        return ClipCaptionModel(config, lm if lm is not None else lm_from_config(config.lm_config))
+    try:
+        with torch.device("meta"):
+            return ClipCaptionModel(config, lm if lm is not None else lm_from_config(config.lm_config, source))
+    except (RuntimeError, ArithmeticError, TypeError, ValueError) as error:
+        # Sizes from a file that no module takes: negative, zero heads, a product past int64 (torch's
+        # "Storage size calculation overflowed"), a float for a count. The real build would fail the same way.
+        raise unbuildable(source, error) from None
 
 
 def build_captioner(config: CaptionerConfig, lm: PreTrainedModel | None = None) -> ClipCaptionModel:
@@ -134,11 +158,27 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise InputError(f"{path}: cannot read checkpoint: {first_line(error)}") from None
 
 
+def check_tensors(state: Any, source: str) -> dict[str, torch.Tensor]:
+    """`state` is a dict of named dense tensors, each holding its own values. A view of stride 0 (or a sparse
+    tensor) in a small file can claim any shape: 10^8 rows from one stored row, and the model its config
+    describes, built to match, would cost 25 GB."""
+    named = isinstance(state, dict) and all(isinstance(name, str) for name in state)
+    if not named or not all(isinstance(tensor, torch.Tensor) for tensor in state.values()):
+        raise InputError(f"{source}: the weights are not a state dict of tensors")
+    for name, tensor in state.items():
+        stored = tensor.untyped_storage().nbytes() if tensor.layout == torch.strided else 0
+        if tensor.numel() * tensor.element_size() > stored:
+            raise InputError(
+                f"{source}: {name} claims shape {tuple(tensor.shape)} but the file holds {stored} bytes of it; "
+                "each weight must be stored whole"
+            )
+    return state
+
+
 def check_state(model: ClipCaptionModel, state: Any, source: str) -> dict[str, torch.Tensor]:
     """The weights, in ClipCap's key layout (ours or theirs), checked against `model`'s names and
     shapes (a meta_captioner will do); the LM may be absent when frozen, its cross-attention layers never."""
-    if not isinstance(state, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in state.values()):
-        raise InputError(f"{source}: the weights are not a state dict of tensors")
+    state = check_tensors(state, source)
     state = {name: tensor for name, tensor in state.items() if not name.endswith(LEGACY_LM_BUFFERS)}
     expected = model.state_dict()
     tied = {name for name in expected if name.endswith("lm_head.weight")}  # tied to the embeddings
@@ -168,18 +208,30 @@ def check_state(model: ClipCaptionModel, state: Any, source: str) -> dict[str, t
     return state
 
 
-# A transformer LM's block index in its weight names: GPT-2's `transformer.h.N.`, most others' `layers.N.`.
-LM_LAYER_INDEX = re.compile(r"^gpt\..*?\.(?:h|layers?)\.(\d+)\.")
+# A transformer LM's block index in its weight names: GPT-2's `transformer.h.N.`, most others' `layers.N.`,
+# MPT's `blocks.N.`.
+LM_LAYER_INDEX = re.compile(r"^gpt\..*?\.(?:h|layers?|blocks)\.(\d+)\.")
+MAPPER_LAYER_INDEX = re.compile(r"^clip_project\.transformer\.layers\.(\d+)\.")  # the transformer mapper's
+
+
+def _indices(pattern: re.Pattern, names: Iterable[str]) -> set[int]:
+    return {int(match.group(1)) for name in names if (match := pattern.match(name))}
 
 
 def check_layer_count(config: CaptionerConfig, names: Iterable[str], source: str) -> None:
-    """An LM config declaring other than the blocks the weights hold is refused before the LM is built:
-    even on the meta device, a claim of 10^5 blocks would cost minutes and gigabytes."""
+    """A config declaring other than the LM blocks or transformer mapper layers the weights hold is refused
+    before anything is built: even on the meta device, a claim of 10^5 layers would cost minutes and gigabytes."""
+    names = list(names)
+    if config.mapping_type == "transformer" and config.num_layers != len(stored := _indices(MAPPER_LAYER_INDEX, names)):
+        raise InputError(
+            f"{source}: the config declares {config.num_layers} mapper layers, the weights hold {len(stored)}"
+        )
     if not config.lm_in_checkpoint or not isinstance(config.lm_config, dict):
         return
-    declared = config.lm_config.get("n_layer", config.lm_config.get("num_hidden_layers"))
-    stored = {int(match.group(1)) for name in names if (match := LM_LAYER_INDEX.match(name))}
-    if isinstance(declared, int) and stored and declared != len(stored):
+    # Read from the built config, not the dict: an alias (num_hidden_layers for n_layer) also sets the count.
+    declared = getattr(lm_config_object(config.lm_config, source), "num_hidden_layers", None)
+    stored = _indices(LM_LAYER_INDEX, names)
+    if isinstance(declared, int) and declared != len(stored):
         raise InputError(f"{source}: the LM config declares {declared} blocks, the weights hold {len(stored)}")
 
 
@@ -197,27 +249,32 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             "use predict.py --weights with its settings"
         )
     config = CaptionerConfig.from_dict(checkpoint["config"], source=str(path))
+    if config.encoder:
+        check_encoder_spec(config.encoder, str(path), required=())  # what it holds; what is used needs more
+    state = check_tensors(checkpoint["model"], str(path))
     lm = None if config.lm_in_checkpoint and config.lm_config else load_lm(config.lm_name, config.cross_attention)
     # Shapes first, on the meta device: a small file whose config declares a large model must not
     # cost that model's memory before it is found out.
-    if isinstance(checkpoint["model"], dict):
-        check_layer_count(config, checkpoint["model"], str(path))
-    check_state(meta_captioner(config, lm), checkpoint["model"], str(path))
-    model = ClipCaptionModel(config, lm if lm is not None else lm_from_config(config.lm_config))
+    check_layer_count(config, state, str(path))
+    check_state(meta_captioner(config, lm, str(path)), state, str(path))
+    model = ClipCaptionModel(config, lm if lm is not None else lm_from_config(config.lm_config, str(path)))
     if not config.lm_in_checkpoint:
         model.freeze_lm()
-    load_state_into(model, checkpoint["model"], str(path))
+    load_state_into(model, state, str(path))
     return model.eval()
 
 
 def load_clipcap_weights(path: str | os.PathLike, config: CaptionerConfig) -> ClipCaptionModel:
     """An original ClipCap checkpoint (a bare state dict) with its settings given as `config`."""
     state = read_checkpoint(path)
-    if not isinstance(state, dict) or not any(name.startswith("clip_project.") for name in state):
+    if not isinstance(state, dict) or not any(str(name).startswith("clip_project.") for name in state):
         raise InputError(f"{path}: not a ClipCap state dict (no 'clip_project.*' weights)")
+    state = check_tensors(state, str(path))
     config.lm_in_checkpoint = any(name.startswith("gpt.") for name in state)
     lm = load_lm(config.lm_name)
-    check_state(meta_captioner(config, lm), state, str(path))  # before the mapper the settings describe is built
+    check_layer_count(config, state, str(path))
+    # Before the mapper the settings describe is built.
+    check_state(meta_captioner(config, lm, str(path)), state, str(path))
     model = build_captioner(config, lm)
     if not config.lm_in_checkpoint:
         model.freeze_lm()

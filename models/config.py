@@ -33,8 +33,10 @@ class CaptionerConfig:
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "CaptionerConfig":
         """Build from a dict, naming `source` if keys are missing, unknown or of the wrong type (a config
         comes from a file, which may be anyone's)."""
+        if not isinstance(values, dict):
+            raise InputError(f"{source}: the captioner config is {type(values).__name__} {values!r:.60}, not a dict")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(map(str, set(values) - known))  # str: keys from a checkpoint need not be strings
         if unknown:
             raise InputError(f"{source}: unknown captioner config key(s): {', '.join(unknown)}")
         if "feature_dim" not in values:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin, get_type_hints
 
 import torch
 from torch import nn
@@ -62,6 +62,8 @@ FEATURE_TYPES = {
 }
 DINOV2_RESIZE_DIM = 256  # DINOv2's evaluation transform: resize to 256, crop 224
 DINOV2_CROP_DIM = 224
+# The fields of a recorded spec that encoder_from_spec needs (an export needs them all).
+ENCODING_FIELDS = ("family", "name", "feature_type", "resize_dim", "crop_dim")
 MAX_IMAGE_SIDE = 4096  # a larger resize or crop is a typo, and would exhaust memory before any message
 
 
@@ -81,6 +83,31 @@ class EncoderSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+SPEC_FIELD_TYPES = get_type_hints(EncoderSpec)
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    """Whether a recorded spec value is of its field's type: bool is an int to isinstance, but no size; mean
+    and std are one number per RGB channel."""
+    if get_origin(kind) is list:
+        return isinstance(value, list) and len(value) == 3 and all(_has_type(item, float) for item in value)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def check_encoder_spec(spec: dict[str, Any], source: str, required: tuple[str, ...] = ENCODING_FIELDS) -> None:
+    """A recorded spec (`EncoderSpec.to_dict()`, from `source`, a file that may be anyone's) has the `required`
+    fields, and each field it has is of its type."""
+    missing = [name for name in required if name not in spec]
+    if missing:
+        raise InputError(f"{source}: the encoder spec lacks {', '.join(missing)}")
+    for name, kind in SPEC_FIELD_TYPES.items():
+        if name in spec and not _has_type(spec[name], kind):
+            expected = {str: "a string", int: "an integer"}.get(kind, "3 numbers (one per RGB channel)")
+            raise InputError(f"{source}: the encoder spec's {name!r} is {spec[name]!r}, not {expected}")
 
 
 class ImageEncoder(nn.Module):
@@ -302,18 +329,19 @@ def save_encoder(encoder: ImageEncoder, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def encoder_from_spec(spec: dict[str, Any]) -> tuple[ImageEncoder, Preprocess]:
-    """Rebuild the encoder a feature file or checkpoint recorded (`EncoderSpec.to_dict()`)."""
-    missing = [key for key in ("family", "name", "feature_type", "resize_dim", "crop_dim") if key not in spec]
-    if missing:
-        raise InputError(f"encoder spec lacks {', '.join(missing)}: {spec}")
-    encoder, preprocess = load_encoder(
-        spec["name"],
-        family=spec["family"],
-        feature_type=spec["feature_type"],
-        resize_dim=spec["resize_dim"],
-        crop_dim=spec["crop_dim"],
-    )
+def encoder_from_spec(spec: dict[str, Any], source: str = "the recorded encoder") -> tuple[ImageEncoder, Preprocess]:
+    """Rebuild the encoder a feature file or checkpoint (`source`) recorded (`EncoderSpec.to_dict()`)."""
+    check_encoder_spec(spec, source)
+    try:
+        encoder, preprocess = load_encoder(
+            spec["name"],
+            family=spec["family"],
+            feature_type=spec["feature_type"],
+            resize_dim=spec["resize_dim"],
+            crop_dim=spec["crop_dim"],
+        )
+    except InputError as error:  # a family, feature type or size the file recorded: say which file
+        raise InputError(f"{source}: {error}") from None
     recorded_dim = spec.get("feature_dim")
     if recorded_dim is not None and recorded_dim != encoder.spec.feature_dim:
         raise InputError(

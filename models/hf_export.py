@@ -28,13 +28,14 @@ from models.captioner import ClipCaptionModel
 from models.checkpoint import (
     check_layer_count,
     check_state,
+    lm_config_object,
     lm_from_config,
     load_checkpoint,
     load_state_into,
     meta_captioner,
 )
 from models.config import CaptionerConfig
-from models.encoders import encoder_from_spec, save_encoder
+from models.encoders import check_encoder_spec, encoder_from_spec, save_encoder
 
 MODEL_TYPE = "clipcap_plus_captioner"  # config.json's model_type: what tells an export from other directories
 ARCHITECTURES = ["ClipCaptionModel"]
@@ -119,6 +120,8 @@ def save_export(directory: str | os.PathLike, model: ClipCaptionModel, tokenizer
 def is_export_dir(path: str | os.PathLike) -> bool:
     """Whether `path` is a directory save_export wrote (its config.json says so)."""
     config = Path(path) / CONFIG_FILE
+    if not config.is_file():  # a FIFO would block the read forever, a link to /dev/zero never end it
+        return False
     try:
         return json.loads(config.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE
     except (OSError, ValueError, AttributeError):
@@ -140,12 +143,15 @@ def read_export_config(directory: Path) -> CaptionerConfig:
     )
     if not config.lm_in_checkpoint or not isinstance(config.lm_config, dict):
         raise InputError(f"{path}: an export holds its whole LM, but this config lacks lm_config or says it is absent")
+    lm_config_object(config.lm_config, str(path))  # its errors name this file, not the weights counted against it
     config.lm_name = str(directory.resolve())
+    if config.encoder:
+        check_encoder_spec(config.encoder, str(path), required=())  # what it holds; what is used needs more
     bundled = values.get("encoder_bundled")
     if not isinstance(bundled, bool):
         raise InputError(f"{path}: 'encoder_bundled' is {bundled!r}, not true or false")
     name = (config.encoder or {}).get("name")
-    if config.encoder is not None and not isinstance(name, str):
+    if (config.encoder is not None or bundled) and not isinstance(name, str):
         raise InputError(f"{path}: the encoder's name is {name!r}, not a string")
     if bundled:
         inside = not os.path.isabs(name) and (directory / name).resolve().is_relative_to(directory.resolve())
@@ -163,6 +169,8 @@ def load_export(directory: str | os.PathLike, map_location: str | torch.device =
     directory = Path(directory)
     config = read_export_config(directory)
     weights = directory / WEIGHTS_FILE
+    if weights.exists() and not weights.is_file():
+        raise InputError(f"{weights}: not a regular file (a FIFO would block the reader forever)")
     try:
         with safe_open(weights, framework="pt") as handle:
             # Names and shapes from the header, as meta tensors: checked before any weight is read.
@@ -170,7 +178,7 @@ def load_export(directory: str | os.PathLike, map_location: str | torch.device =
     except (OSError, SafetensorError) as error:
         raise InputError(f"{weights}: cannot read the weights ({error})") from None
     check_layer_count(config, header, str(weights))
-    skeleton = meta_captioner(config)
+    skeleton = meta_captioner(config, None, str(directory / CONFIG_FILE))
     check_state(skeleton, header, str(weights))
     aliases = alias_names(skeleton)
     untied = sorted(set(skeleton.state_dict()) - aliases - set(header))  # check_state lets lm_head pass as tied
@@ -178,7 +186,7 @@ def load_export(directory: str | os.PathLike, map_location: str | torch.device =
         raise InputError(f"{weights}: lacks {untied[0]}, which this config's LM does not tie to another weight")
     if doubled := sorted(aliases & set(header)):
         raise InputError(f"{weights}: stores {doubled[0]}, a tied weight that is stored under its first name only")
-    model = ClipCaptionModel(config, lm_from_config(config.lm_config))
+    model = ClipCaptionModel(config, lm_from_config(config.lm_config, str(directory / CONFIG_FILE)))
     load_state_into(model, load_file(weights, device=str(map_location)), str(weights))
     return model.eval()
 

@@ -15,6 +15,7 @@ from data.errors import InputError, first_line
 from models.captioner import ClipCaptionModel
 from models.checkpoint import captioner_tokenizer, load_checkpoint, read_checkpoint
 from models.config import CaptionerConfig
+from models.encoders import SPEC_FIELD_TYPES, check_encoder_spec
 from models.hf_export import (
     CONFIG_FILE,
     ENCODER_DIR,
@@ -188,6 +189,8 @@ def export_checkpoint(
     training = {key: record[key] for key in ("epoch", "scores") if isinstance(record, dict) and key in record}
     del record  # load_checkpoint reads the file again: one copy of the weights in memory at a time
     model = load_checkpoint(checkpoint)
+    if model.config.encoder:  # the preprocessor config and the model card show every field
+        check_encoder_spec(model.config.encoder, str(checkpoint), required=tuple(SPEC_FIELD_TYPES))
     lm_dir = model.config.lm_name if os.path.isdir(model.config.lm_name) else None
     inputs = {"CHECKPOINT": checkpoint, "the LM": lm_dir, "the encoder": bundled_encoder_source(model.config)}
     check_export_target(flag, out_dir, inputs, overwrite)  # again, now that the config names its directories

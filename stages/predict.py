@@ -59,7 +59,7 @@ def load_for_images(checkpoint: str | os.PathLike) -> tuple[ClipCaptionModel, Im
     model = load_captioner(checkpoint)
     if not model.config.encoder:
         raise InputError(f"{checkpoint}: the config records no image encoder; caption a feature file with --features")
-    encoder, preprocess = encoder_from_spec(model.config.encoder)
+    encoder, preprocess = encoder_from_spec(model.config.encoder, str(checkpoint))
     check_feature_width(encoder.spec.feature_dim, model, f"encoder {encoder.spec.name!r}")
     return model, encoder, preprocess
 

@@ -348,6 +348,11 @@ def test_damaged_exports_are_one_line(tmp_path, checkpoint):
         ({"encoder_bundled": False, "encoder": {"name": "/etc"}}, "neither bundled nor a hub id"),
         ({"encoder_bundled": False, "encoder": {"name": "encoder/../../x"}}, "neither bundled nor a hub id"),
         ({"encoder_bundled": True, "encoder": {"name": "encoder/../../x"}}, "not a path inside the directory"),
+        ({"encoder_bundled": True, "encoder": None}, "the encoder's name is None, not a string"),
+        (
+            {"encoder_bundled": False, "encoder": {"name": "org/clip", "mean": "x"}},
+            "config.json: the encoder spec's 'mean' is 'x', not 3 numbers",
+        ),
     ],
 )
 def test_an_untrusted_export_config_is_one_line(tmp_path, checkpoint, change, message):
@@ -435,3 +440,107 @@ def test_scst_starts_from_an_export_as_from_its_checkpoint(tmp_path, checkpoint)
     # The same starting weights and seed: the same fine-tuned weights (mapper and whole LM).
     assert weights["pt"].keys() == weights["dir"].keys()
     assert all(torch.allclose(weights["pt"][key], weights["dir"][key], atol=1e-6) for key in weights["pt"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n_embd": -5}, "negative dimension"),
+        ({"n_head": 0}, "division"),
+        ({"n_embd": 10**9}, "overflowed"),
+        ({"n_layer": "2"}, "expected int, got str"),
+        ({"n_layer": 100_000.0}, "expected int, got float"),
+        ({"model_type": "nope"}, "the LM config's model_type 'nope' is not a transformers model type"),
+    ],
+)
+def test_an_unbuildable_lm_config_is_one_line(tmp_path, checkpoint, change, message):
+    """Sizes that torch or transformers cannot build even on the meta device, a type it does not know: one line
+    naming config.json (not the weights the layer count is checked against), not a traceback."""
+    out_dir = tmp_path / "export"
+    export.main(export.parse_args([str(checkpoint), str(out_dir)]))
+    config = json.loads((out_dir / "config.json").read_text())
+    config["lm_config"].update(change)
+    (out_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=f"config.json: (the config describes no buildable model: .*)?{message}"):
+        load_captioner(out_dir)
+
+
+def test_a_mapper_too_large_to_build_is_one_line(tmp_path, checkpoint):
+    out_dir = tmp_path / "export"
+    export.main(export.parse_args([str(checkpoint), str(out_dir)]))
+    config = json.loads((out_dir / "config.json").read_text())
+    (out_dir / "config.json").write_text(json.dumps({**config, "prefix_length": 10**9}))
+    with pytest.raises(InputError, match="the config describes no buildable model: .*overflowed"):
+        load_captioner(out_dir)
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        {"lm_config": {"num_hidden_layers": 100_000}},  # GPT-2's alias of n_layer, which the config takes
+        {"lm_config": {"n_layer": 100_000}, "drop_lm_blocks": True},  # the weights hold no LM block to count
+        {"num_layers": 100_000},  # the transformer mapper's layers
+    ],
+)
+def test_claimed_layers_are_counted_against_the_weights_before_building(tmp_path, tiny_gpt2_dir, monkeypatch, claim):
+    torch.manual_seed(0)
+    config = CaptionerConfig(
+        feature_dim=16, prefix_length=4, prefix_length_clip=2, mapping_type="transformer", num_layers=2,
+        lm_name=str(tiny_gpt2_dir),
+    )  # fmt: skip
+    checkpoint = tmp_path / "model-000.pt"
+    save_checkpoint(checkpoint, build_captioner(config))
+    out_dir = tmp_path / "export"
+    export.main(export.parse_args([str(checkpoint), str(out_dir)]))
+    values = json.loads((out_dir / "config.json").read_text())
+    values["lm_config"].update(claim.get("lm_config", {}))
+    values["num_layers"] = claim.get("num_layers", values["num_layers"])
+    (out_dir / "config.json").write_text(json.dumps(values))
+    if claim.get("drop_lm_blocks"):
+        state = safetensors_state(out_dir)
+        save_file({name: tensor for name, tensor in state.items() if ".h." not in name}, out_dir / WEIGHTS_FILE)
+    built = []
+    monkeypatch.setattr("models.checkpoint.lm_from_config", lambda *args: built.append(1))
+    monkeypatch.setattr("models.hf_export.meta_captioner", lambda *args: built.append(1))
+    stored = 0 if claim.get("drop_lm_blocks") else 2
+    with pytest.raises(InputError, match=f"declares 100000 (blocks|mapper layers), the weights hold {stored}"):
+        load_captioner(out_dir)
+    assert not built
+
+
+def test_an_export_whose_files_are_not_regular_files_is_one_line(tmp_path, checkpoint):
+    """A FIFO blocks its reader forever: weights in a FIFO (predict.py), a target holding a FIFO config.json
+    (export.py --overwrite). Subprocesses, so that a hang fails the test rather than stopping it."""
+    out_dir = tmp_path / "export"
+    export.main(export.parse_args([str(checkpoint), str(out_dir)]))
+    (out_dir / WEIGHTS_FILE).unlink()
+    os.mkfifo(out_dir / WEIGHTS_FILE)
+    target = tmp_path / "target"
+    target.mkdir()
+    os.mkfifo(target / "config.json")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    commands = {
+        "model.safetensors: not a regular file": ["predict.py", "--features", str(random_features(tmp_path / "f.pkl"))]
+        + ["--checkpoint", str(out_dir)],
+        "exists and is not an export": ["export.py", str(checkpoint), str(target), "--overwrite"],
+    }
+    for message, command in commands.items():
+        result = subprocess.run(
+            [sys.executable, *command], cwd=REPO, env=environment, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 2 and message in result.stderr.splitlines()[-1], result.stderr
+    assert (target / "config.json").exists()
+
+
+def test_a_checkpoint_whose_encoder_spec_lacks_a_field_exports_in_one_line(tmp_path, checkpoint):
+    """The preprocessor config and the model card show every field of the encoder spec: one missing is refused
+    before anything is written, not a KeyError once the weights are."""
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["config"]["encoder"] = {
+        "family": "clip", "name": "org/clip", "feature_type": "image_embeds", "resize_dim": 224, "crop_dim": 224,
+        "std": [0.25, 0.25, 0.25], "feature_dim": 16,
+    }  # fmt: skip
+    torch.save(saved, tmp_path / "no_mean.pt")
+    with pytest.raises(InputError, match="no_mean.pt: the encoder spec lacks mean$"):
+        export.main(export.parse_args([str(tmp_path / "no_mean.pt"), str(tmp_path / "export")]))
+    assert not (tmp_path / "export").exists()

@@ -1,5 +1,8 @@
 """Image decoding: every PIL mode to RGB, bad files as reasons, decoding in DataLoader workers."""
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +99,39 @@ def test_dataset_decodes_in_workers_and_reports_failures_in_place(tmp_path):
         (i + 1, r) for i, r in enumerate(reasons.values())
     ]
     assert torch.equal(pixels[0], pixels[1]) and pixels[0].shape == (64, 64, 3)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 100-byte RGBA PNG whose header claims width x height pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b"")
+    )
+
+
+def test_images_past_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
+    """Past PIL's MAX_IMAGE_PIXELS PIL only warns up to twice the limit, and decodes: 100 megapixels cost
+    400 MB. Refused at the limit, from the header, whether the file is whole or only claims the size."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.fromarray(gradient(40, 40)).save(tmp_path / "whole.png")  # 1600 pixels: between the limit and twice it
+    (tmp_path / "claims.png").write_bytes(png_claiming(45, 40))
+    Image.fromarray(gradient(30, 30)).save(tmp_path / "small.png")
+    for name in ("whole.png", "claims.png"):
+        with pytest.raises(ImageReadError, match="too large \\(.*exceeds limit of 1000 pixels") as error:
+            load_rgb(tmp_path / name)
+        assert error.value.reason.startswith("too large")
+    assert load_rgb(tmp_path / "small.png").size == (30, 30)
+
+
+@pytest.mark.parametrize("extension", ["gif", "png", "webp"])
+def test_animated_images_give_their_first_frame(tmp_path, extension):
+    frames = [Image.new("RGB", (32, 24), color) for color in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
+    path = tmp_path / f"animated.{extension}"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0, lossless=True)
+    assert Image.open(path).n_frames == 3
+    pixels = np.asarray(load_rgb(path))
+    assert pixels.shape == (24, 32, 3) and np.abs(pixels.astype(int) - (250, 0, 0)).max() <= 4

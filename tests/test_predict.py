@@ -3,6 +3,7 @@ COCO results JSON and a contact sheet out; original ClipCap state dicts through 
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 
@@ -23,6 +24,7 @@ from predict import main, parse_args
 from stages.extract import iter_encoded_batches
 from stages.predict import caption_image_files
 from tests.conftest import REPO
+from tests.test_images import png_claiming
 
 IMAGE_NAMES = ("COCO_val2014_000000000042.jpg", "000000000007.png", "red circle.jpg")
 DECODING = ["--decode", "beam", "--beam_size", "3", "--max_length", "6"]
@@ -260,3 +262,111 @@ def test_seeded_sampling_draws_on_across_batches(tmp_path, checkpoint, images, t
     first = sample()
     assert first[0] != first[1]
     assert sample() == first
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"resize_dim": "224"}, "'resize_dim' is '224', not an integer"),
+        ({"resize_dim": 224.0}, "'resize_dim' is 224.0, not an integer"),
+        ({"crop_dim": True}, "'crop_dim' is True, not an integer"),
+        ({"family": ["clip"]}, "'family' is \\['clip'\\], not a string"),
+        ({"feature_dim": "32"}, "'feature_dim' is '32', not an integer"),
+        ({"std": [0.2, 0.2]}, "'std' is \\[0.2, 0.2\\], not 3 numbers"),
+        ({"family": "nope"}, "unknown encoder family 'nope'"),
+    ],
+)
+def test_a_checkpoint_with_a_mistyped_encoder_spec_is_one_line(tmp_path, checkpoint, change, message):
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["config"]["encoder"].update(change)
+    torch.save(saved, tmp_path / "tampered.pt")
+    image = tmp_path / "image.png"
+    Image.new("RGB", (40, 30)).save(image)
+    with pytest.raises(
+        InputError, match=f"^{re.escape(str(tmp_path / 'tampered.pt'))}: (the encoder spec's )?{message}"
+    ):
+        main(parse_args([str(image), "--checkpoint", str(tmp_path / "tampered.pt"), "--num_workers", "0"]))
+
+
+def viewed_embeddings(saved: dict, vocab_size: int) -> None:
+    """Embeddings of `vocab_size` rows stored as one: a stride-0 view, which torch.save keeps as such."""
+    saved["config"]["lm_config"]["vocab_size"] = vocab_size
+    row = saved["model"]["gpt.transformer.wte.weight"][:1].clone()  # a storage of one row
+    for name in ("gpt.transformer.wte.weight", "gpt.lm_head.weight"):
+        saved["model"][name] = row.expand(vocab_size, -1)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda saved: saved["model"].update({1: torch.zeros(1)}), "the weights are not a state dict of tensors"),
+        (lambda saved: saved["model"].update({"clip_project.model.0.weight": "x"}), "not a state dict of tensors"),
+        (
+            lambda saved: saved["model"].update({"clip_project.model.0.weight": torch.zeros(3, 3)}),
+            "clip_project.model.0.weight has shape \\(3, 3\\), the config expects",
+        ),
+        # 1 kB claiming 256 MB of embeddings that the config agrees with (10^8 rows would claim 25.6 GB).
+        (lambda saved: viewed_embeddings(saved, 10**6), "claims shape \\(1000000, 64\\) but the file holds 256 bytes"),
+        (lambda saved: saved.update({"config": 5}), "the captioner config is int 5, not a dict"),
+        (lambda saved: saved["config"].update({1: 2}), "unknown captioner config key\\(s\\): 1"),
+        (
+            lambda saved: saved["config"]["lm_config"].update(model_type="nope"),
+            "model_type 'nope' is not a transformers",
+        ),
+        (lambda saved: saved["config"]["lm_config"].update(n_layer="2"), "n_layer' expected int, got str"),
+        (
+            lambda saved: saved["config"]["lm_config"].update(n_layer=10**6),
+            "declares 1000000 blocks, the weights hold 2",
+        ),
+        (
+            lambda saved: saved["config"]["lm_config"].update(vocab_size=10**12),
+            "wte.weight has shape \\(\\d+, 64\\), the config expects \\(1000000000000, 64\\)",
+        ),
+        (
+            lambda saved: saved["config"].update(prefix_length=10**9),
+            "no buildable model: Storage size calculation overflowed",
+        ),
+    ],
+)
+def test_a_checkpoint_that_lies_is_refused_in_one_line_before_building(tmp_path, checkpoint, tamper, message):
+    """Weights that do not match the config, a config of absurd sizes, entries that are no tensors, a tensor
+    that claims more values than the file holds: refused in one line naming the file, from shapes and names
+    (on the meta device), before the model the config describes is built."""
+    saved = torch.load(checkpoint, weights_only=True)
+    tamper(saved)
+    torch.save(saved, tmp_path / "lying.pt")
+    assert (tmp_path / "lying.pt").stat().st_size < 2 * checkpoint.stat().st_size
+    image = tmp_path / "image.png"
+    Image.new("RGB", (40, 30)).save(image)
+    with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 'lying.pt'))}: .*{message}"):
+        main(parse_args([str(image), "--checkpoint", str(tmp_path / "lying.pt"), "--num_workers", "0"]))
+
+
+def test_odd_images_caption_and_bombs_are_refused_in_one_line(tmp_path, checkpoint, monkeypatch, capsys):
+    """16-bit and 32-bit gray, animated GIF and WebP (their first frame), CMYK, a palette with a transparent
+    entry: each captioned. Past PIL's pixel limit (lowered here so a bomb is small): refused, each in one
+    line naming it, before decoding; between the limit and twice it PIL itself would only warn."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # above the 224x224 crops PIL also checks
+    directory = tmp_path / "images"
+    directory.mkdir()
+    gray = (torch.arange(30 * 40).reshape(30, 40) * 50).numpy()
+    Image.fromarray(gray.astype("uint16")).save(directory / "gray16.png")
+    Image.fromarray(gray.astype("int32") * 1000, mode="I").save(directory / "gray32.tif")
+    frames = [Image.new("RGB", (40, 30), color) for color in ((250, 0, 0), (0, 250, 0))]
+    for name in ("animated.gif", "animated.webp"):
+        frames[0].save(directory / name, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    Image.new("CMYK", (40, 30), (0, 200, 200, 0)).save(directory / "cmyk.jpg")
+    Image.new("RGB", (40, 30), (0, 0, 250)).convert("P").save(directory / "palette.png", transparency=0)
+    Image.new("RGB", (350, 350)).save(directory / "warned.png")  # 122500 pixels: between the limit and twice it
+    (directory / "bomb.png").write_bytes(png_claiming(50_000, 50_000))  # 100 bytes claiming 2.5 gigapixels
+    modes = {path.name: Image.open(path).mode for path in directory.iterdir() if path.suffix != ".png"}
+    assert modes == {"gray32.tif": "I", "animated.gif": "P", "animated.webp": "RGB", "cmyk.jpg": "CMYK"}
+    refused = ("bomb.png", "warned.png")
+    with pytest.raises(InputError, match="^2 of 8 images could not be read"):
+        main(parse_args([str(directory), "--checkpoint", str(checkpoint), "--num_workers", "0", *DECODING]))
+    out, err = capsys.readouterr()
+    captioned = sorted(line.split("\t")[0] for line in out.splitlines())
+    assert captioned == sorted(str(path) for path in directory.iterdir() if path.name not in refused)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert [line.split(": too large (")[0] for line in errors] == [f"error: {directory / name}" for name in refused]
+    assert "Warning" not in err
