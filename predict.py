@@ -24,7 +24,7 @@ WEIGHTS_DEFAULTS = {
     "num_layers": 8,
     "normalize_prefix": False,
     "clip_model_type": "ViT-B/32",
-    "gpt2": "gpt2",
+    "lm": "gpt2",
 }
 
 
@@ -61,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     clipcap.add_argument(
         "--clip_model_type", help="the weights' image encoder: CLIP or DINOv2 name, id or directory (default: ViT-B/32)"
     )
-    clipcap.add_argument("--gpt2", help="the LM (and tokenizer) the weights were trained on (default: gpt2)")
+    clipcap.add_argument(
+        "--lm", "--gpt2", help="the LM (and tokenizer) the weights were trained on; --gpt2 is ClipCap's name (default: gpt2)"
+    )
     add_decoding_args(parser)
     args = parser.parse_args(argv)
     given = [name for name in WEIGHTS_DEFAULTS if getattr(args, name) is not None]

@@ -39,6 +39,7 @@ def option(
     help: str = "",
     *,
     flag: str | None = None,
+    aliases: tuple[str, ...] = (),
     minimum: float | None = None,
     positive: bool = False,
     choices: Sequence[str] | None = None,
@@ -51,13 +52,15 @@ def option(
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
-    `flag`: the flag's name without dashes, where it is not the field's (`bs` for batch_size).
+    `flag`: the flag's name without dashes, where it is not the field's (`bs` for batch_size); `aliases`:
+    other names it also answers to (ClipCap's `gpt2` for `lm`).
     `minimum`: the smallest value accepted; `positive`: above 0 and finite. `usage`: the names of the
     UsageRules under which giving this flag is an error. `shown_default`: what --help says where the
     default is resolved later (None fields that another setting fills in). `hidden`: not in --help."""
     metadata = {
         "help": help,
         "flag": flag,
+        "aliases": aliases,
         "minimum": minimum,
         "positive": positive,
         "choices": choices,
@@ -144,7 +147,7 @@ def add_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, field:
             keywords["nargs"] = "+"
     if default is MISSING:
         keywords["required"] = True
-    parser.add_argument(flag_name(field), **keywords)
+    parser.add_argument(flag_name(field), *(f"--{alias}" for alias in meta["aliases"]), **keywords)
 
 
 def parse_options(

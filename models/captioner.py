@@ -14,11 +14,16 @@ from transformers import PreTrainedModel
 
 from data.errors import InputError
 from models.config import CaptionerConfig
+from models.lm import (
+    cross_attention_inputs,
+    embed_tokens,
+    embedding_width,
+    has_cross_attention,
+    is_cross_attention_weight,
+)
 from models.mappers import MAPPERS
 
 IGNORE_INDEX = -100  # label value that cross_entropy skips: padding, and nothing else
-# The LM weights that cross-attention adds (GPT-2's names): new, so always trained and always stored.
-CROSS_ATTENTION_WEIGHTS = (".crossattention.", ".ln_cross_attn.")
 
 
 @dataclass
@@ -37,27 +42,6 @@ class Conditioning:
     cross_states: torch.Tensor | None = None  # (B, T, E): what cross-attention attends to (xattn only)
 
 
-def lm_embedding_width(lm: PreTrainedModel) -> int:
-    """The LM's input embedding width, from the model itself rather than a guess."""
-    return lm.get_input_embeddings().embedding_dim
-
-
-def lm_context_length(lm: PreTrainedModel) -> int | None:
-    """The most positions the LM takes (prefix and caption together), or None where its config sets no limit."""
-    config = lm.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
-def cross_attention_inputs(cross_states: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The LM's keyword for cross-attention states, only when there are some: not every causal LM takes it."""
-    return {} if cross_states is None else {"encoder_hidden_states": cross_states}
-
-
-def is_cross_attention_weight(name: str) -> bool:
-    """Whether an LM parameter (or `gpt.*` state-dict key) belongs to a cross-attention layer."""
-    return any(part in name for part in CROSS_ATTENTION_WEIGHTS)
-
-
 class ClipCaptionModel(nn.Module):
     """Image features -> mapper -> LM conditioning -> caption."""
 
@@ -65,14 +49,14 @@ class ClipCaptionModel(nn.Module):
         super().__init__()
         if config.mapping_type not in MAPPERS:
             raise InputError(f"unknown mapping type {config.mapping_type!r}; choose from {', '.join(MAPPERS)}")
-        if config.cross_attention != bool(getattr(lm.config, "add_cross_attention", False)):
+        if config.cross_attention != has_cross_attention(lm):
             raise InputError(
                 f"mapping type {config.mapping_type!r} needs an LM "
                 f"{'with' if config.cross_attention else 'without'} cross-attention layers"
             )
         self.config = config
         self.gpt = lm
-        self.clip_project = MAPPERS[config.mapping_type](config, lm_embedding_width(lm))
+        self.clip_project = MAPPERS[config.mapping_type](config, embedding_width(lm))
         if config.cross_attention:
             self._start_from_bos()
         self.lm_frozen = False
@@ -125,7 +109,7 @@ class ClipCaptionModel(nn.Module):
         """Teacher-forced pass: features (B, D) or (B, T, D), tokens and attention_mask (B, L), right-padded."""
         conditioning = self.condition(features)
         prefix = conditioning.prefix  # (B, P, E)
-        token_embeds = self.gpt.get_input_embeddings()(tokens)  # (B, L, E)
+        token_embeds = embed_tokens(self.gpt, tokens)  # (B, L, E)
         inputs_embeds = torch.cat((prefix.to(token_embeds.dtype), token_embeds), dim=1)  # (B, P+L, E)
         prefix_mask = attention_mask.new_ones(prefix.shape[:2])
         full_mask = torch.cat((prefix_mask, attention_mask), dim=1)

@@ -10,104 +10,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
-from transformers import (
-    CONFIG_MAPPING,
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-from transformers.utils import logging as transformers_logging
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data.atomic import torch_save_atomic, write_json_atomic
 from data.errors import InputError, first_line
-from models.captioner import ClipCaptionModel, is_cross_attention_weight
+from models.captioner import ClipCaptionModel
 from models.config import CaptionerConfig
 from models.encoders import check_encoder_spec
-
-# Buffers that GPT-2 checkpoints from older transformers carry and current ones do not.
-LEGACY_LM_BUFFERS = (".attn.bias", ".attn.masked_bias")
-# A tokenizer with fewer tokens than this did not load its vocabulary (transformers 5 builds a
-# vocabulary of 1 from missing files): every caption would become EOS alone and the loss 0.
-MIN_VOCABULARY = 32
-
-
-def load_lm(name: str, cross_attention: bool = False) -> PreTrainedModel:
-    """A pretrained causal LM by transformers id or local directory; with `cross_attention`, with new
-    (randomly initialized) cross-attention layers in every block, as an xattn captioner trains them."""
-    extra = {"add_cross_attention": True} if cross_attention else {}
-    verbosity = transformers_logging.get_verbosity()
-    if cross_attention:
-        transformers_logging.set_verbosity_error()  # its report lists the new layers as "missing": expected
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(name, **extra)
-    except TypeError as error:
-        if cross_attention:  # the model class takes no add_cross_attention: Llama, OPT, GPT-NeoX, ...
-            raise InputError(
-                f"language model {name!r} has no cross-attention layers for --mapping_type xattn "
-                f"(GPT-2's family has them); use a prefix mapper: --mapping_type mlp or transformer"
-            ) from None
-        raise InputError(f"cannot load language model {name!r}: {first_line(error)}") from None
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot load language model {name!r}: {first_line(error)}") from None
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    if cross_attention and not any(is_cross_attention_weight(key) for key, _ in lm.named_parameters()):
-        raise InputError(f"language model {name!r} ({lm.config.model_type}) has no cross-attention layers to add")
-    return lm
-
-
-def load_tokenizer(name: str, lm_config: PretrainedConfig | None = None) -> PreTrainedTokenizerBase:
-    """The LM's tokenizer, by id or directory; a pad token is set to EOS (padding is masked anyway).
-    `lm_config`, when given, is the LM's config, so the config.json beside the tokenizer is not read."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, config=lm_config)
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot load tokenizer {name!r}: {first_line(error)}") from None
-    if len(tokenizer) < MIN_VOCABULARY:
-        raise InputError(
-            f"tokenizer {name!r} has a vocabulary of {len(tokenizer)} token(s): its vocabulary files did not load "
-            "(a GPT-2 tokenizer has 50257)"
-        )
-    if tokenizer.eos_token_id is None:
-        raise InputError(f"tokenizer {name!r} has no EOS token, which captions end with")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+from models.lm import (
+    LEGACY_LM_BUFFERS,
+    LM_LAYER_INDEX,
+    is_cross_attention_weight,
+    lm_config_object,
+    lm_from_config,
+    load_lm,
+    load_tokenizer,
+    tied_names,
+    unbuildable,
+)
 
 
 def captioner_tokenizer(model: ClipCaptionModel) -> PreTrainedTokenizerBase:
     """The tokenizer of a loaded captioner, from its lm_name. Its LM's config is passed along: in an export
     directory the config.json beside the tokenizer is the captioner's, which transformers does not know."""
     return load_tokenizer(model.config.lm_name, model.gpt.config)
-
-
-def unbuildable(source: str, error: BaseException) -> InputError:
-    """The one line for a config no module can be built from; transformers' validation errors span lines."""
-    return InputError(f"{source}: the config describes no buildable model: {' '.join(str(error).split())[:300]}")
-
-
-def lm_config_object(lm_config: dict[str, Any], source: str) -> PretrainedConfig:
-    """The transformers config `lm_config` describes (its aliases resolved, e.g. GPT-2's num_hidden_layers)."""
-    model_type = lm_config.get("model_type")
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:  # transformers' message lists them all
-        raise InputError(f"{source}: the LM config's model_type {model_type!r} is not a transformers model type")
-    try:
-        return AutoConfig.for_model(**lm_config)
-    except (KeyError, TypeError, ValueError, StrictDataclassError) as error:
-        raise unbuildable(source, error) from None
-
-
-def lm_from_config(lm_config: dict[str, Any], source: str) -> PreTrainedModel:
-    """An LM with the architecture in `lm_config` (random weights, to be overwritten)."""
-    config = lm_config_object(lm_config, source)
-    try:
-        return AutoModelForCausalLM.from_config(config)
-    except (KeyError, TypeError, ValueError) as error:
-        raise unbuildable(source, error) from None
 
 
 def meta_captioner(config: CaptionerConfig, lm: PreTrainedModel | None, source: str) -> ClipCaptionModel:
@@ -181,7 +107,7 @@ def check_state(model: ClipCaptionModel, state: Any, source: str) -> dict[str, t
     state = check_tensors(state, source)
     state = {name: tensor for name, tensor in state.items() if not name.endswith(LEGACY_LM_BUFFERS)}
     expected = model.state_dict()
-    tied = {name for name in expected if name.endswith("lm_head.weight")}  # tied to the embeddings
+    tied = tied_names(model)  # stored once, under the first name (GPT-2's lm_head is its token embeddings)
     lm_optional = not model.config.lm_in_checkpoint
     # Cross-attention layers are trained weights: a checkpoint without them is refused, never filled
     # with the fresh random ones the LM was built with.
@@ -208,9 +134,6 @@ def check_state(model: ClipCaptionModel, state: Any, source: str) -> dict[str, t
     return state
 
 
-# A transformer LM's block index in its weight names: GPT-2's `transformer.h.N.`, most others' `layers.N.`,
-# MPT's `blocks.N.`.
-LM_LAYER_INDEX = re.compile(r"^gpt\..*?\.(?:h|layers?|blocks)\.(\d+)\.")
 MAPPER_LAYER_INDEX = re.compile(r"^clip_project\.transformer\.layers\.(\d+)\.")  # the transformer mapper's
 
 

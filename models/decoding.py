@@ -3,18 +3,17 @@ LM one token at a time with its key/value cache. The one decoding module of pred
 and training-time evaluation."""
 
 import argparse
-import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from data.errors import InputError
 from data.options import add_options, check_ranges, option, option_fields
-from models.captioner import ClipCaptionModel, Conditioning, cross_attention_inputs, lm_context_length
+from models.captioner import ClipCaptionModel, Conditioning
 from models.device import autocast
+from models.lm import cache_inputs, context_length, cross_attention_inputs, embed_tokens, new_cache
 
 METHODS = ("greedy", "beam", "sample")
 
@@ -86,22 +85,6 @@ class Hypothesis:
     score: float  # log_prob / len(tokens)
 
 
-@functools.cache
-def _cache_keyword(lm_class: type) -> str:
-    # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name is deprecated).
-    # Looked up once per LM class: decoding builds rows for every batch.
-    return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"
-
-
-def _new_cache(lm: PreTrainedModel, cross_attention: bool) -> DynamicCache | EncoderDecoderCache:
-    self_attention = DynamicCache(config=lm.config)
-    if not cross_attention:
-        return self_attention
-    # The cross-attention half is filled by the first pass and only read after: its keys and values
-    # are computed once per image, and beam search repeats them per beam.
-    return EncoderDecoderCache(self_attention, DynamicCache(config=lm.config))
-
-
 class LanguageModelRows:
     """The rows being decoded, as the LM sees them: a KV cache that grows by one token a step, or
     (use_cache=False) the whole embedded sequence, recomputed at every step as ClipCap does. With
@@ -109,10 +92,8 @@ class LanguageModelRows:
 
     def __init__(self, lm: PreTrainedModel, conditioning: Conditioning, use_cache: bool):
         self.lm = lm
-        self.embed_tokens = lm.get_input_embeddings()
         self.cross_states = conditioning.cross_states  # (R, T, E) or None
-        self.cache = _new_cache(lm, self.cross_states is not None) if use_cache else None
-        self.cache_keyword = _cache_keyword(type(lm))
+        self.cache = new_cache(lm) if use_cache else None
         self.sequence = conditioning.prefix  # (R, P, E); grows by one embedding a step without the cache
 
     def start(self) -> torch.Tensor:
@@ -124,7 +105,7 @@ class LanguageModelRows:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row, (R,), and return the logits of the next one, (R, V)."""
-        new_embeds = self.embed_tokens(tokens).unsqueeze(1)  # (R, 1, E)
+        new_embeds = embed_tokens(self.lm, tokens).unsqueeze(1)  # (R, 1, E)
         if self.cache is not None:
             return self._run(new_embeds)
         self.sequence = torch.cat((self.sequence, new_embeds.to(self.sequence.dtype)), dim=1)  # (R, L+1, E)
@@ -163,7 +144,7 @@ class LanguageModelRows:
             inputs_embeds=inputs_embeds,
             use_cache=self.cache is not None,
             logits_to_keep=1,
-            **{self.cache_keyword: self.cache},
+            **cache_inputs(self.lm, self.cache),
             **cross_attention_inputs(self.cross_states),
         )
         return output.logits[:, -1].float()  # (R, V)
@@ -314,7 +295,7 @@ def decode(
     image, best first; a caption ends at EOS, at a stop token, or after max_length tokens. Sampling
     draws from `generator`, else from one seeded by options.seed (else torch's global generator)."""
     num_images, prefix_length = conditioning.prefix.shape[:2]
-    max_positions = lm_context_length(model.gpt)
+    max_positions = context_length(model.gpt)
     if max_positions is not None and prefix_length + options.max_length > max_positions:
         raise InputError(
             f"--max_length {options.max_length}: prefix ({prefix_length}) plus caption exceeds the LM's "

@@ -18,24 +18,16 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.image_utils import PILImageResampling
 
 from data.atomic import write_json_atomic
 from data.errors import InputError, read_json_input
 from models.captioner import ClipCaptionModel
-from models.checkpoint import (
-    check_layer_count,
-    check_state,
-    lm_config_object,
-    lm_from_config,
-    load_checkpoint,
-    load_state_into,
-    meta_captioner,
-)
+from models.checkpoint import check_layer_count, check_state, load_checkpoint, load_state_into, meta_captioner
 from models.config import CaptionerConfig
 from models.encoders import check_encoder_spec, encoder_from_spec, save_encoder
+from models.lm import lm_config_object, lm_from_config, tied_names
 
 MODEL_TYPE = "clipcap_plus_captioner"  # config.json's model_type: what tells an export from other directories
 ARCHITECTURES = ["ClipCaptionModel"]
@@ -44,19 +36,6 @@ CONFIG_FILE, WEIGHTS_FILE, PREPROCESSOR_FILE = "config.json", "model.safetensors
 ENCODER_DIR = "encoder"
 # config.json's keys beside the CaptionerConfig fields.
 EXPORT_KEYS = ("model_type", "architectures", "format_version", "encoder_bundled")
-
-
-def alias_names(model: nn.Module) -> set[str]:
-    """Names under which a parameter or buffer appears again after its first name (a tied weight, such as
-    GPT-2's lm_head, which is the token embedding matrix). By identity, so it works on the meta device."""
-    first_seen: set[int] = set()
-    aliases = set()
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for name, tensor in named:
-        if id(tensor) in first_seen:
-            aliases.add(name)
-        first_seen.add(id(tensor))
-    return aliases
 
 
 def bundled_encoder_source(config: CaptionerConfig) -> str | None:
@@ -107,7 +86,7 @@ def save_export(directory: str | os.PathLike, model: ClipCaptionModel, tokenizer
         **config.to_dict(),
     }
     write_json_atomic(directory / CONFIG_FILE, values)
-    aliases = alias_names(model)
+    aliases = tied_names(model)
     state = {
         name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items() if name not in aliases
     }
@@ -180,11 +159,7 @@ def load_export(directory: str | os.PathLike, map_location: str | torch.device =
     check_layer_count(config, header, str(weights))
     skeleton = meta_captioner(config, None, str(directory / CONFIG_FILE))
     check_state(skeleton, header, str(weights))
-    aliases = alias_names(skeleton)
-    untied = sorted(set(skeleton.state_dict()) - aliases - set(header))  # check_state lets lm_head pass as tied
-    if untied:
-        raise InputError(f"{weights}: lacks {untied[0]}, which this config's LM does not tie to another weight")
-    if doubled := sorted(aliases & set(header)):
+    if doubled := sorted(tied_names(skeleton) & set(header)):
         raise InputError(f"{weights}: stores {doubled[0]}, a tied weight that is stored under its first name only")
     model = ClipCaptionModel(config, lm_from_config(config.lm_config, str(directory / CONFIG_FILE)))
     load_state_into(model, load_file(weights, device=str(map_location)), str(weights))

@@ -10,10 +10,11 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 from data.captions import CaptionBatch, CaptionCollator, CaptionDataset, build_caption_dataset
 from data.errors import InputError
 from data.features import FeatureFile
-from models.captioner import ClipCaptionModel, lm_context_length
+from models.captioner import ClipCaptionModel
 from models.checkpoint import build_captioner
 from models.config import CaptionerConfig
 from models.device import autocast
+from models.lm import context_length
 from stages.distributed import DistributedContext
 from stages.train_options import TrainingOptions, captioner_config
 
@@ -34,10 +35,10 @@ def caption_dataset(
     """A feature file's captions, tokenized through the cache and cut to what the LM's positions leave after
     the prefix (training and validation alike)."""
     prefix_length = model.config.prefix_length
-    context_length = lm_context_length(model.gpt)
-    if context_length is not None and context_length <= prefix_length:
-        raise InputError(f"--prefix_length {prefix_length} leaves no room in the LM's {context_length} positions")
-    max_tokens = context_length - prefix_length if context_length is not None else None
+    positions = context_length(model.gpt)
+    if positions is not None and positions <= prefix_length:
+        raise InputError(f"--prefix_length {prefix_length} leaves no room in the LM's {positions} positions")
+    max_tokens = positions - prefix_length if positions is not None else None
     return build_caption_dataset(features, tokenizer, max_tokens, cache_dir, context.is_main, context.is_main)
 
 

@@ -196,7 +196,7 @@ def stage_commands(
         "train.py",
         *("--data", str(features / "train.pkl"), "--val_data", str(features / "val.pkl")),
         *("--eval_every", str(options.eval_every), "--out_dir", str(paths["run"]), "--prefix", RUN_PREFIX),
-        *("--gpt2", lm, "--epochs", str(options.epochs), "--save_every", str(options.epochs)),
+        *("--lm", lm, "--epochs", str(options.epochs), "--save_every", str(options.epochs)),
         *("--bs", str(options.batch_size), "--lr", str(options.lr), "--warmup_steps", str(options.warmup_steps)),
         *("--prefix_length", str(options.prefix_length), "--seed", str(options.seed)),
         *("--cache_dir", str(paths["cache"])),

@@ -168,7 +168,7 @@ def _clipcap_settings(args: argparse.Namespace, feature_dim: int = 0) -> Caption
         mapping_type=args.mapping_type,
         num_layers=args.num_layers,
         normalize_prefix=args.normalize_prefix,
-        lm_name=args.gpt2,
+        lm_name=args.lm,
     )
 
 

@@ -18,11 +18,12 @@ from transformers import PreTrainedTokenizerBase, get_constant_schedule_with_war
 from data.errors import InputError
 from data.features import FeatureFile, check_same_encoder
 from data.references import ImageId
-from models.captioner import ClipCaptionModel, lm_context_length
+from models.captioner import ClipCaptionModel
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_text, decode
 from models.device import autocast
 from models.hf_export import load_captioner
+from models.lm import context_length
 from stages.distributed import DistributedContext
 from stages.rewards import REWARD_TERMS, REWARDS, RewardInputs, RewardTerm, mean_of_others, policy_gradient_loss
 from stages.train_options import TrainingOptions
@@ -190,7 +191,7 @@ class Scst:
             raise InputError("--baseline mean needs --scst_samples of at least 2 (or use --baseline greedy)")
         self.initial = load_captioner(self.options.init_from)
         config = self.initial.config
-        positions = lm_context_length(self.initial.gpt)
+        positions = context_length(self.initial.gpt)
         if positions is not None and config.prefix_length + self.options.max_length > positions:
             raise InputError(
                 f"--max_length {self.options.max_length}: prefix ({config.prefix_length}) plus caption exceeds "

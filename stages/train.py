@@ -26,10 +26,11 @@ from data.errors import InputError
 from data.features import FeatureFile, check_same_encoder
 from data.options import check_ranges
 from data.store import read_features
-from models.captioner import ClipCaptionModel, lm_context_length
-from models.checkpoint import load_state_into, load_tokenizer, save_checkpoint, save_config_json
+from models.captioner import ClipCaptionModel
+from models.checkpoint import load_state_into, save_checkpoint, save_config_json
 from models.decoding import DecodingOptions
 from models.device import resolve_precision
+from models.lm import context_length, load_tokenizer
 from stages.cross_entropy import caption_dataset, compute_loss
 from stages.distributed import (
     DistributedContext,
@@ -352,9 +353,9 @@ class Trainer:
 
     def score_validation(self, epoch: int) -> dict[str, float]:
         """Greedy-decode the validation images, score CIDEr and BLEU-4, keep `{prefix}_best.pt` (main process only)."""
-        context_length = lm_context_length(self.model.gpt) or 10**9
+        positions = context_length(self.model.gpt) or 10**9
         # Decoding's default caption length (ClipCap's 67), within what the LM's positions leave.
-        max_length = min(DecodingOptions.max_length, context_length - self.config.prefix_length)
+        max_length = min(DecodingOptions.max_length, positions - self.config.prefix_length)
         from stages.evaluate import score_captioner  # late, as require_java above
 
         scores, predictions = score_captioner(

@@ -100,9 +100,12 @@ class TrainingOptions(TrackingOptions):
         group="clipcap",
         usage=("model",),
     )
-    gpt2: str = option(
+    lm: str = option(
         "gpt2",
-        "causal LM: transformers id (gpt2, gpt2-medium, distilgpt2) or local directory",
+        "the language model: a transformers id of a causal LM (gpt2 ... gpt2-xl, EleutherAI/pythia-160m, "
+        "facebook/opt-125m, HuggingFaceTB/SmolLM2-135M, Qwen/Qwen2.5-0.5B, ...) or a local directory; --gpt2 is "
+        "ClipCap's name for it",
+        aliases=("gpt2",),
         group="ours",
         usage=("model",),
     )
@@ -228,7 +231,7 @@ def captioner_config(options: TrainingOptions, features: FeatureFile) -> Caption
             "tokens; use --mapping_type xattn"
         )
     # A directory is recorded absolute, so the checkpoint loads from any working directory.
-    lm_name = str(Path(options.gpt2).resolve()) if Path(options.gpt2).is_dir() else options.gpt2
+    lm_name = str(Path(options.lm).resolve()) if Path(options.lm).is_dir() else options.lm
     return CaptionerConfig(
         feature_dim=features.feature_dim,
         prefix_length=1 if options.mapping_type == "xattn" else options.prefix_length,  # xattn: the start embedding

@@ -23,9 +23,10 @@ from data.atomic import atomic_directory, atomic_write, write_json_atomic
 from data.errors import InputError, exit_on_input_error, read_json_input
 from data.features import FeatureFile, read_feature_file, write_feature_file
 from data.images import IMAGE_CONVERSION
-from models.checkpoint import build_captioner, load_lm, save_checkpoint
+from models.checkpoint import build_captioner, save_checkpoint
 from models.config import CaptionerConfig
 from models.encoders import ImageEncoder, load_encoder
+from models.lm import load_lm
 from stages.train_state import StepLog
 from tests.conftest import TOKENIZER_TEXTS
 

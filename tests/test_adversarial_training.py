@@ -18,8 +18,9 @@ import train
 from data.captions import load_or_tokenize
 from data.errors import InputError, exit_on_input_error
 from models import checkpoint as checkpoint_module
-from models.checkpoint import build_captioner, load_checkpoint, load_lm, save_checkpoint
+from models.checkpoint import build_captioner, load_checkpoint, save_checkpoint
 from models.config import CaptionerConfig
+from models.lm import load_lm
 from models.tiny import save_tiny_gpt2
 from stages.train import Trainer
 from tests.conftest import REPO
@@ -293,7 +294,7 @@ def test_weights_settings_with_a_checkpoint_are_a_usage_error(tiny_checkpoint, c
 def test_weights_settings_keep_their_defaults():
     args = predict.parse_args(["x.jpg", "--weights", "w.pt", "--num_layers", "2"])
     assert (args.mapping_type, args.prefix_length, args.prefix_length_clip, args.num_layers) == ("mlp", 10, 10, 2)
-    assert (args.normalize_prefix, args.clip_model_type, args.gpt2) == (False, "ViT-B/32", "gpt2")
+    assert (args.normalize_prefix, args.clip_model_type, args.lm) == (False, "ViT-B/32", "gpt2")
 
 
 class SilentTokenizer:

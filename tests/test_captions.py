@@ -17,7 +17,7 @@ from data.captions import (
 )
 from data.errors import InputError
 from data.features import FeatureFile, write_feature_file
-from models.checkpoint import load_tokenizer
+from models.lm import load_tokenizer
 from models.tiny import train_tokenizer
 from tests.conftest import TOKENIZER_TEXTS
 

@@ -10,8 +10,9 @@ from bench.clipcap_reference import ClipCaptionModel as ReferenceModel
 from bench.clipcap_reference import MappingType, clipcap_loss, pad_tokens
 from data.captions import CaptionCollator
 from models.captioner import IGNORE_INDEX
-from models.checkpoint import build_captioner, load_clipcap_weights, load_lm, load_tokenizer, save_checkpoint
+from models.checkpoint import build_captioner, load_clipcap_weights, save_checkpoint
 from models.config import CaptionerConfig
+from models.lm import load_lm, load_tokenizer
 
 FEATURE_DIM = 16
 PREFIX_LENGTH = 4

@@ -10,7 +10,7 @@ import torch
 from bench.clipcap_decode import generate2, generate_beam
 from data.errors import InputError
 from models.captioner import Conditioning
-from models.checkpoint import build_captioner, load_lm, load_tokenizer
+from models.checkpoint import build_captioner
 from models.config import CaptionerConfig
 from models.decoding import (
     DecodingOptions,
@@ -22,6 +22,7 @@ from models.decoding import (
     filter_logits,
     stop_token_ids,
 )
+from models.lm import load_lm, load_tokenizer
 
 FEATURE_DIM = 16
 NUM_IMAGES = 6

@@ -146,7 +146,7 @@ def test_stage_commands_run_the_stages_in_order(tmp_path):
     assert [flags["--split"] for flags in extraction] == ["train", "val", "test"]
     assert all(flags["--clip_model_type"] == "ViT-B/32" for flags in extraction)
     training = commands[3][1]
-    assert training[training.index("--gpt2") + 1] == "gpt2" and "--val_data" in training and "--eval_every" in training
+    assert training[training.index("--lm") + 1] == "gpt2" and "--val_data" in training and "--eval_every" in training
     prediction = commands[4][1]
     assert prediction[1] == str(paths["synthetic"] / "test") and "--sheet" in prediction
     assert [argv[argv.index("--predictions") + 1] for _, argv in commands[5:7]] == [

@@ -13,9 +13,10 @@ import torch
 import evaluate
 from data.errors import InputError, exit_on_input_error
 from data.features import FeatureFile, read_feature_file, write_feature_file
-from models.checkpoint import build_captioner, load_checkpoint, load_tokenizer, save_checkpoint
+from models.checkpoint import build_captioner, load_checkpoint, save_checkpoint
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_features
+from models.lm import load_tokenizer
 from stages import evaluate as scoring
 from stages.evaluate import ptb_tokenize, score_captioner, score_captions
 

@@ -26,10 +26,11 @@ import train
 from data.errors import InputError
 from data.features import FeatureFile, write_feature_file
 from models.aligned import AlignedConfig, AlignedImageEncoder, save_aligned_encoder
-from models.checkpoint import build_captioner, load_checkpoint, load_lm, save_checkpoint
+from models.checkpoint import build_captioner, load_checkpoint, save_checkpoint
 from models.config import CaptionerConfig
 from models.encoders import load_encoder, save_encoder
 from models.hf_export import MODEL_TYPE, WEIGHTS_FILE, load_captioner, load_export, save_export
+from models.lm import load_lm
 from models.tiny import save_tiny_clip_model, train_tokenizer
 from stages.extract import iter_encoded_batches
 from tests.conftest import REPO, TOKENIZER_TEXTS

@@ -4,12 +4,14 @@ own `generate(inputs_embeds=...)` token for token."""
 
 import pytest
 import torch
+from transformers import BertConfig, BertModel
 
 import train
 from data.errors import InputError
-from models.checkpoint import build_captioner, load_checkpoint, load_lm, load_tokenizer
+from models.checkpoint import build_captioner, load_checkpoint
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, decode
+from models.lm import load_lm, load_tokenizer
 from models.tiny import TINY_LM_SIZES, save_tiny_causal_lm
 from tests.conftest import TOKENIZER_TEXTS
 from tests.test_training import CAPTIONS, FEATURE_DIM, read_log, train_args, write_features
@@ -88,10 +90,21 @@ def test_train_py_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, lm_dir):
 
 def test_xattn_with_an_lm_without_cross_attention_is_one_line(tmp_path):
     llama = save_tiny_causal_lm(tmp_path / "llama", "llama", TOKENIZER_TEXTS)
-    with pytest.raises(InputError, match="has no cross-attention layers for --mapping_type xattn .*GPT-2's family"):
+    with pytest.raises(InputError, match=r"\(llama\) has no cross-attention layers .*families that have them: gpt2"):
         load_lm(str(llama), cross_attention=True)
 
 
-def test_a_model_that_is_no_causal_lm_is_one_line(tiny_clip_dir):
-    with pytest.raises(InputError, match="cannot load language model"):
+def test_a_model_without_a_language_modelling_head_is_one_line(tmp_path, tiny_clip_dir):
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(bert)
+    with pytest.raises(InputError, match=r"is a BertModel \(bert\), which has no language-modelling head"):
+        load_lm(str(bert))
+    with pytest.raises(InputError, match=r"is a CLIPVisionModelWithProjection \(clip_vision_model\)"):
         load_lm(str(tiny_clip_dir))
+
+
+def test_an_unknown_lm_is_one_line(tmp_path):
+    with pytest.raises(InputError, match="cannot load language model 'no-such-org/no-such-lm'"):
+        load_lm("no-such-org/no-such-lm")
+    with pytest.raises(InputError, match="cannot load language model"):
+        load_lm(str(tmp_path))  # a directory without a config.json

@@ -29,8 +29,8 @@ from data.errors import InputError
 from data.features import FeatureFile, check_same_encoder, read_feature_file, write_feature_file
 from data.images import load_rgb
 from data.store import META_FILE, read_features
-from models.checkpoint import load_tokenizer
 from models.encoders import encoder_from_spec, load_encoder
+from models.lm import load_tokenizer
 from models.tiny import save_tiny_dinov2
 from stages.extract import iter_encoded_batches
 from tests.test_encoders import save_whole_clip

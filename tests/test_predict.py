@@ -16,10 +16,11 @@ from data.errors import InputError, exit_on_input_error
 from data.features import FeatureFile, write_feature_file
 from data.predictions import expand_image_inputs
 from data.sheet import draw_contact_sheet
-from models.checkpoint import build_captioner, load_checkpoint, load_lm, load_tokenizer, save_checkpoint
+from models.checkpoint import build_captioner, load_checkpoint, save_checkpoint
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_features
 from models.encoders import load_encoder
+from models.lm import load_lm, load_tokenizer
 from predict import main, parse_args
 from stages.extract import iter_encoded_batches
 from stages.predict import caption_image_files

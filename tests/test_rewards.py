@@ -13,9 +13,10 @@ from pycocoevalcap.cider.cider import Cider
 
 from data.errors import InputError
 from data.features import FeatureFile
-from models.checkpoint import build_captioner, load_lm
+from models.checkpoint import build_captioner
 from models.clip_score import ClipScorer
 from models.config import CaptionerConfig
+from models.lm import load_lm
 from models.tiny import save_tiny_clip_model
 from stages.evaluate import ptb_tokenize
 from stages.rewards import REWARD_TERMS, REWARDS, CiderD, mean_of_others, normalize_caption, policy_gradient_loss

@@ -29,7 +29,7 @@ from data.store import (
     read_store,
     write_shard,
 )
-from models.checkpoint import load_tokenizer
+from models.lm import load_tokenizer
 from tests.test_training import CAPTIONS, read_log, train_args
 
 

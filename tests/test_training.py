@@ -14,9 +14,10 @@ import train
 from data.errors import InputError
 from data.features import FeatureFile, write_feature_file
 from models.captioner import ClipCaptionModel
-from models.checkpoint import build_captioner, load_checkpoint, load_lm, load_tokenizer
+from models.checkpoint import build_captioner, load_checkpoint
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, caption_features
+from models.lm import load_lm, load_tokenizer
 from stages.distributed import DistributedContext
 from stages.train import Trainer
 from stages.train_options import TrainingOptions

@@ -14,10 +14,10 @@ import train
 from data.errors import InputError
 from data.features import FeatureFile, write_feature_file
 from data.store import read_features
-from models.captioner import is_cross_attention_weight
-from models.checkpoint import load_checkpoint, load_lm, load_tokenizer, read_checkpoint
+from models.checkpoint import load_checkpoint, read_checkpoint
 from models.decoding import DecodingOptions, caption_features
 from models.hf_export import load_captioner
+from models.lm import is_cross_attention_weight, load_lm, load_tokenizer
 from stages.train import Trainer
 from tests.test_extraction import write_image
 from tests.test_patch_tokens import folder_args
