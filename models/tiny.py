@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer, Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import ByteLevelBPETokenizer, Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -22,6 +22,7 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     GPT2TokenizerFast,
+    PreTrainedTokenizerFast,
 )
 
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's EOS, also its BOS and our padding; CLIP's EOS
@@ -194,12 +195,40 @@ TINY_LM_SIZES = {
 }  # fmt: skip
 
 
+# Each family's special tokens as its hub tokenizer has them: Llama 2 and Mistral add a BOS `<s>` and end
+# with `</s>`, with no pad token; OPT adds `</s>` as its BOS and pads with `<pad>`; Qwen2 has no BOS.
+# The rest are GPT-2's: `<|endoftext|>` for all three.
+FAMILY_SPECIAL_TOKENS = {
+    "llama": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "mistral": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "opt": {"bos_token": "</s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
+    "qwen2": {"eos_token": END_OF_TEXT, "pad_token": END_OF_TEXT},
+}
+ADDS_BOS = ("llama", "mistral", "opt")  # the families whose tokenizers put BOS before every text
+
+
+def train_family_tokenizer(texts: Iterable[str], family: str, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts` with `family`'s special tokens, adding its BOS where it does."""
+    specials = FAMILY_SPECIAL_TOKENS.get(family)
+    if specials is None:
+        return train_tokenizer(texts, vocab_size)
+    distinct = list(dict.fromkeys(specials.values()))
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=distinct)
+    if family in ADDS_BOS:
+        bos = specials["bos_token"]
+        bpe.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bpe.token_to_id(bos))]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, **specials)
+
+
 def save_tiny_causal_lm(directory: str | os.PathLike, family: str, texts: Iterable[str], seed: int = 0) -> Path:
     """A tiny causal LM of `family` (a TINY_LM_SIZES key, transformers' model_type) with random weights and
-    the byte-level tokenizer trained on `texts`, saved together as a hub model is."""
-    tokenizer = train_tokenizer(texts)
+    a byte-level tokenizer trained on `texts` with the family's special tokens, saved together as a hub model is."""
+    tokenizer = train_family_tokenizer(texts, family)
     torch.manual_seed(seed)
-    ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     config = AutoConfig.for_model(family, vocab_size=len(tokenizer), **ids, **TINY_LM_SIZES[family])
     directory = Path(directory)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)

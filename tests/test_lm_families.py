@@ -1,18 +1,21 @@
-"""The prefix captioner over causal LMs of every common family (tiny random configs, loaded by path):
-train.py's loss falls, and decoding agrees with itself (cached, batched, beam 1) and with transformers'
-own `generate(inputs_embeds=...)` token for token."""
+"""The prefix captioner over causal LMs of every common family (tiny random configs with each family's special
+tokens, loaded by path): the caption layout is the same in training and decoding, train.py's loss falls, and
+decoding agrees with itself (cached, batched, beam 1) and with transformers' own `generate(inputs_embeds=...)`."""
+
+import json
 
 import pytest
 import torch
 from transformers import BertConfig, BertModel
 
 import train
+from data.captions import tokenize_captions
 from data.errors import InputError
 from models.checkpoint import build_captioner, load_checkpoint
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, decode
 from models.lm import load_lm, load_tokenizer
-from models.tiny import TINY_LM_SIZES, save_tiny_causal_lm
+from models.tiny import ADDS_BOS, FAMILY_SPECIAL_TOKENS, TINY_LM_SIZES, save_tiny_causal_lm
 from tests.conftest import TOKENIZER_TEXTS
 from tests.test_training import CAPTIONS, FEATURE_DIM, read_log, train_args, write_features
 
@@ -33,8 +36,12 @@ def captioner(lm_dir):
 
 
 @pytest.fixture(scope="module")
-def conditioning(captioner):
-    features = torch.randn(NUM_IMAGES, FEATURE_DIM, generator=torch.Generator().manual_seed(1))
+def features():
+    return torch.randn(NUM_IMAGES, FEATURE_DIM, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def conditioning(captioner, features):
     with torch.no_grad():
         return captioner.condition(features)
 
@@ -71,6 +78,33 @@ def test_cached_batched_and_beam_one_decoding_agree(captioner, conditioning, lm_
     ]
     assert one_at_a_time == cached
     assert greedy_tokens(captioner, conditioning, eos, method="beam", beam_size=1) == cached
+
+
+def test_training_tokens_are_the_caption_without_bos_then_the_families_eos(lm_dir):
+    family = json.loads((lm_dir / "config.json").read_text())["model_type"]
+    tokenizer = load_tokenizer(str(lm_dir))
+    text = CAPTIONS[0]
+    bare = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if family in ADDS_BOS:  # the fixture is as its hub tokenizer: BOS first when special tokens are added
+        assert tokenizer(text)["input_ids"] == [tokenizer.bos_token_id, *bare]
+    assert tokenizer.eos_token == FAMILY_SPECIAL_TOKENS.get(family, {}).get("eos_token", "<|endoftext|>")
+    assert tokenizer.pad_token_id is not None  # set to EOS where the family has none
+    trained = tokenize_captions([{"caption": text, "image_id": 0}], tokenizer)
+    assert trained.tokens.tolist() == [*bare, tokenizer.eos_token_id]
+
+
+def test_decoding_scores_its_captions_as_training_does(captioner, features, conditioning, lm_dir):
+    """The layouts agree: a greedy caption's log-probability in decoding (prefix, then the tokens one by one
+    from the cache) equals the teacher-forced pass's over [prefix][the same tokens], as training computes it."""
+    tokenizer = load_tokenizer(str(lm_dir))
+    options = DecodingOptions(method="greedy", max_length=MAX_LENGTH)
+    hypotheses = [group[0] for group in decode(captioner, conditioning, tokenizer.eos_token_id, options)]
+    for image, hypothesis in enumerate(hypotheses):
+        tokens = torch.tensor([hypothesis.tokens])
+        with torch.no_grad():
+            logits = captioner(features[image : image + 1], tokens, torch.ones_like(tokens), compute_loss=False).logits
+        teacher_forced = logits.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).sum()
+        assert teacher_forced.item() == pytest.approx(hypothesis.log_prob, abs=1e-4)
 
 
 def test_train_py_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, lm_dir):
