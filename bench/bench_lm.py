@@ -1,0 +1,170 @@
+"""The captioner's LM families side by side at equal size (about 124M parameters, random weights: speed does
+not depend on them), all with GPT-2's 50257-token vocabulary: GPT-2 (GPT2Config()), the Llama architecture
+(12 blocks of width 768, SwiGLU 2048) and T5 (6 + 6 blocks of width 768).
+
+- train: a full fine-tune step of the MLP-prefix captioner at --batch_size captions (COCO-like lengths),
+  samples/s and peak memory;
+- greedy and beam: captions/s decoding --decode_batch images (--max_length tokens each: random weights
+  rarely stop early, so every family decodes the same number of steps).
+
+Each variant runs in a fresh process, so its peak memory (peak RSS on CPU, peak allocated on CUDA) is its own.
+
+    python bench/bench_lm.py                        # CPU: several minutes
+    python bench/bench_lm.py --device cuda --steps 20
+"""
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, LlamaConfig, T5Config, get_linear_schedule_with_warmup
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as `python bench/bench_lm.py`
+
+from bench.bench_train import make_batches  # noqa: E402
+from bench.child import run_variant_process  # noqa: E402
+from data.captions import CaptionCollator  # noqa: E402
+from data.errors import exit_on_input_error  # noqa: E402
+from models.captioner import ClipCaptionModel  # noqa: E402
+from models.config import CaptionerConfig  # noqa: E402
+from models.decoding import DecodingOptions, decode  # noqa: E402
+from models.device import DEVICE_HELP, resolve_device  # noqa: E402
+from models.lm import lm_from_config  # noqa: E402
+from stages.train import apply_gradients, compute_loss  # noqa: E402
+
+VOCABULARY = 50257  # GPT-2's, for every family: the LM head costs the same
+EOS = VOCABULARY - 1
+# About 124M parameters each (the embedding matrix shared with the head).
+ARCHITECTURES = {
+    "gpt2": lambda: GPT2Config(),
+    "llama": lambda: LlamaConfig(
+        vocab_size=VOCABULARY, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+        num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=EOS, eos_token_id=EOS,
+    ),
+    "t5": lambda: T5Config(
+        vocab_size=VOCABULARY, d_model=768, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=12,
+        pad_token_id=EOS, eos_token_id=EOS, decoder_start_token_id=EOS,
+    ),
+}  # fmt: skip
+TASKS = ("train", "greedy", "beam")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Benchmark flags."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--architectures", default=",".join(ARCHITECTURES), help="comma list of: gpt2, llama, t5")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma list of: train, greedy, beam")
+    parser.add_argument("--batch_size", type=int, default=40, help="captions per training step (ClipCap's --bs)")
+    parser.add_argument("--decode_batch", type=int, default=64, help="images decoded together")
+    parser.add_argument("--beam_size", type=int, default=5, help="beams per image for the beam task")
+    parser.add_argument("--max_length", type=int, default=20, help="tokens decoded per caption")
+    parser.add_argument("--feature_dim", type=int, default=512, help="image feature width (CLIP ViT-B/32: 512)")
+    parser.add_argument("--prefix_length", type=int, default=10, help="prefix length of the MLP mapper")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps or decoding rounds (default 2 on CPU, 20 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, kernels)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, features and caption lengths")
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: one variant, in a child process
+    return parser.parse_args(argv)
+
+
+def build_model(architecture: str, args: argparse.Namespace) -> ClipCaptionModel:
+    """The MLP-prefix captioner over a randomly initialized LM of `architecture`."""
+    torch.manual_seed(args.seed)
+    lm = lm_from_config(ARCHITECTURES[architecture]().to_dict(), f"bench architecture {architecture}")
+    config = CaptionerConfig(feature_dim=args.feature_dim, prefix_length=args.prefix_length)
+    return ClipCaptionModel(config, lm)
+
+
+def peak_mib(device: torch.device) -> float:
+    """This process's peak memory so far: allocated on CUDA, resident on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def synchronized_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def time_training(model: ClipCaptionModel, args: argparse.Namespace, device: torch.device, steps: int) -> float:
+    """Seconds per full fine-tune step."""
+    batches, _ = make_batches(args, args.warmup + steps)
+    collate = CaptionCollator(pad_token_id=EOS)
+    prepared = [collate(list(zip(features, tokens))).to(device) for features, tokens in batches]
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-5)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 5000, 100_000)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    model.train()
+    for index, batch in enumerate(prepared):
+        if index == args.warmup:
+            start = synchronized_time(device)
+        apply_gradients(compute_loss(model, batch, device, "fp32"), trainable, optimizer, scheduler, scaler, 1.0)
+    return (synchronized_time(device) - start) / steps
+
+
+def time_decoding(model: ClipCaptionModel, args: argparse.Namespace, device: torch.device, task: str, rounds: int) -> float:
+    """Seconds per batch of --decode_batch images."""
+    options = DecodingOptions(method=task, beam_size=args.beam_size, max_length=args.max_length)
+    generator = torch.Generator().manual_seed(args.seed)
+    features = torch.randn(args.decode_batch, args.feature_dim, generator=generator).to(device)
+    model.eval()
+    with torch.no_grad():
+        for index in range(args.warmup + rounds):
+            if index == args.warmup:
+                start = synchronized_time(device)
+            decode(model, model.condition(features), EOS, options)
+    return (synchronized_time(device) - start) / rounds
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    """Time one (architecture, task) in this process; returns its figures."""
+    architecture, task = args.variant.split(":")
+    device = resolve_device(args.device)
+    steps = args.steps or (20 if device.type == "cuda" else 2)
+    model = build_model(architecture, args).to(device)
+    parameters = sum(parameter.numel() for parameter in model.gpt.parameters())
+    if task == "train":
+        seconds = time_training(model, args, device, steps)
+        rate = args.batch_size / seconds
+    else:
+        seconds = time_decoding(model, args, device, task, steps)
+        rate = args.decode_batch / seconds
+    return {"variant": args.variant, "lm_parameters": parameters, "per_s": rate, "peak_mib": peak_mib(device)}
+
+
+def main(args: argparse.Namespace) -> None:
+    """Run every variant in its own process and print a table."""
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    device = resolve_device(args.device)
+    print(json.dumps({key: value for key, value in vars(args).items() if key != "variant"}), flush=True)
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'}")
+    units = {"train": "samples/s", "greedy": "captions/s", "beam": "captions/s"}
+    print(f"{'task':<8}{'architecture':<14}{'LM params':>11}{'rate':>10}  {'unit':<12}{'peak MiB':>9}")
+    for task in args.tasks.split(","):
+        for architecture in args.architectures.split(","):
+            figures, error = run_variant_process(__file__, f"{architecture}:{task}")
+            if figures is None:
+                print(f"{task:<8}{architecture:<14} failed: {error}", flush=True)
+                continue
+            print(
+                f"{task:<8}{architecture:<14}{figures['lm_parameters'] / 1e6:>10.1f}M{figures['per_s']:>10.2f}  "
+                f"{units[task]:<12}{figures['peak_mib']:>9.0f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    with exit_on_input_error():
+        main(parse_args())
