@@ -279,15 +279,17 @@ def test_bad_decoding_flag_values_are_one_line(tiny_checkpoint, capsys, module, 
         ["--prefix_length", "10"],
         ["--prefix_length_clip", "10"],
         ["--normalize_prefix"],
-        ["--gpt2", "gpt2"],
+        ["--lm", "gpt2"],
+        ["--gpt2", "gpt2"],  # ClipCap's name of --lm
         ["--clip_model_type", "ViT-B/32"],
     ],
 )
 def test_weights_settings_with_a_checkpoint_are_a_usage_error(tiny_checkpoint, capsys, given):
     path, features = tiny_checkpoint
     line = error_line(predict, ["--checkpoint", str(path), "--features", str(features), *given], capsys)
+    flag = "--lm" if given[0] == "--gpt2" else given[0]
     assert line.endswith(  # argparse's usage error, after the program's name
-        f": error: {given[0]} is a setting of --weights; with --checkpoint the checkpoint's config decides it"
+        f": error: {flag} is a setting of --weights; with --checkpoint the checkpoint's config decides it"
     )
 
 
