@@ -113,10 +113,10 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, data, lm_d
         train.main(train.parse_args(other_rank))
 
 
-def test_scst_fine_tunes_the_adapters(tmp_path, lora_run, data):
+def test_scst_fine_tunes_the_adapters(tmp_path, lora_run, data):  # with gradient checkpointing: sampling too
     out_dir, _ = lora_run
     checkpoint = out_dir / LAST
-    args = scst_args(data, checkpoint, tmp_path / "scst", "--epochs", "1", "--save_latest_every", "1")
+    args = scst_args(data, checkpoint, tmp_path / "scst", "--epochs", "1", "--gradient_checkpointing")
     model = train.main(train.parse_args(args))
     before = torch.load(checkpoint, weights_only=True)["model"]
     after = torch.load(tmp_path / "scst" / "scst-000.pt", weights_only=True)["model"]
