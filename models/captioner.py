@@ -15,11 +15,13 @@ from transformers import PreTrainedModel
 from data.errors import InputError
 from models.config import CaptionerConfig
 from models.lm import (
+    checkpoint_in_eval_mode,
     cross_attention_inputs,
     embed_tokens,
+    embedding_dtype,
     embedding_width,
     has_cross_attention,
-    is_cross_attention_weight,
+    is_new_weight,
 )
 from models.mappers import MAPPERS
 
@@ -72,17 +74,21 @@ class ClipCaptionModel(nn.Module):
             self.clip_project.start.normal_(std=0.02)  # GPT-2's initializer range
 
     def freeze_lm(self) -> None:
-        """Freeze the LM's own weights for real: no gradients computed or stored, eval mode (no dropout).
-        Cross-attention layers are new, so they keep training."""
-        self.lm_frozen = True
+        """Freeze the LM's own weights for real: no gradients computed or stored. Cross-attention layers and
+        LoRA adapters are new, so they keep training. Without adapters the LM stays in eval mode (no dropout,
+        as ClipCap's --only_prefix); with them it follows the model's mode, as peft's fine-tuning does, so the
+        adapters' dropout works."""
         for name, parameter in self.gpt.named_parameters():
-            parameter.requires_grad_(is_cross_attention_weight(name))
-        self.gpt.eval()
+            parameter.requires_grad_(is_new_weight(name))
+        self.lm_frozen = self.config.lora is None  # held in eval mode
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> "ClipCaptionModel":
         super().train(mode)
         if self.lm_frozen:
             self.gpt.eval()  # ClipCap's --only_prefix also keeps the frozen LM in eval mode
+            if mode:
+                checkpoint_in_eval_mode(self.gpt)
         return self
 
     def condition(self, features: torch.Tensor) -> Conditioning:
@@ -99,7 +105,7 @@ class ClipCaptionModel(nn.Module):
         mapper_dtype = next(self.clip_project.parameters()).dtype
         mapped = self.clip_project(features.to(mapper_dtype))
         if not self.config.cross_attention:
-            return Conditioning(prefix=mapped)  # (B, P, E)
+            return Conditioning(prefix=mapped.to(embedding_dtype(self.gpt)))  # (B, P, E), in the LM's dtype
         start = self.clip_project.start.expand(features.shape[0], 1, -1)  # (B, 1, E)
         return Conditioning(prefix=start, cross_states=mapped)  # mapped: (B, T, E)
 
@@ -131,13 +137,13 @@ class ClipCaptionModel(nn.Module):
         return CaptionerOutput(logits=logits, loss=loss)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights a checkpoint stores: the mapper and any cross-attention layers, plus the whole
-        LM unless it is frozen."""
+        """The weights a checkpoint stores: the mapper, any cross-attention layers and LoRA adapters, plus
+        the whole LM unless it is frozen."""
         state = self.state_dict()
         if self.config.lm_in_checkpoint:
             return state
         return {
             name: tensor
             for name, tensor in state.items()
-            if not name.startswith("gpt.") or is_cross_attention_weight(name)
+            if not name.startswith("gpt.") or is_new_weight(name)
         }

@@ -20,7 +20,7 @@ from models.encoders import check_encoder_spec
 from models.lm import (
     LEGACY_LM_BUFFERS,
     LM_LAYER_INDEX,
-    is_cross_attention_weight,
+    is_new_weight,
     lm_config_object,
     lm_from_config,
     load_lm,
@@ -28,6 +28,7 @@ from models.lm import (
     tied_names,
     unbuildable,
 )
+from models.lora import add_adapters
 
 
 def captioner_tokenizer(model: ClipCaptionModel) -> PreTrainedTokenizerBase:
@@ -41,17 +42,25 @@ def meta_captioner(config: CaptionerConfig, lm: PreTrainedModel | None, source: 
     The LM is `lm`, else built from `config.lm_config`."""
     try:
         with torch.device("meta"):
-            return ClipCaptionModel(config, lm if lm is not None else lm_from_config(config.lm_config, source))
+            return ClipCaptionModel(
+                config, lm if lm is not None else lm_from_config(config.lm_config, source, config.lm_dtype)
+            )
     except (RuntimeError, ArithmeticError, TypeError, ValueError) as error:
         # Sizes from a file that no module takes: negative, zero heads, a product past int64 (torch's
         # "Storage size calculation overflowed"), a float for a count. The real build would fail the same way.
         raise unbuildable(source, error) from None
 
 
+def pretrained_captioner_lm(config: CaptionerConfig) -> PreTrainedModel:
+    """The LM by `config.lm_name`, in the config's dtype, with fresh LoRA adapters when the config has them."""
+    lm = load_lm(config.lm_name, config.cross_attention, config.lm_dtype)
+    return add_adapters(lm, config.lora, config.lm_name) if config.lora else lm
+
+
 def build_captioner(config: CaptionerConfig, lm: PreTrainedModel | None = None) -> ClipCaptionModel:
-    """A captioner with a fresh mapper; the LM is `lm`, else loaded by `config.lm_name`.
+    """A captioner with a fresh mapper; the LM is `lm`, else loaded by `config.lm_name` (with its adapters).
     Records the LM's config so a fine-tuned model can later be rebuilt without the original."""
-    lm = lm if lm is not None else load_lm(config.lm_name, config.cross_attention)
+    lm = lm if lm is not None else pretrained_captioner_lm(config)
     config.lm_config = lm.config.to_dict()
     return ClipCaptionModel(config, lm)
 
@@ -103,20 +112,21 @@ def check_tensors(state: Any, source: str) -> dict[str, torch.Tensor]:
 
 def check_state(model: ClipCaptionModel, state: Any, source: str) -> dict[str, torch.Tensor]:
     """The weights, in ClipCap's key layout (ours or theirs), checked against `model`'s names and
-    shapes (a meta_captioner will do); the LM may be absent when frozen, its cross-attention layers never."""
+    shapes (a meta_captioner will do); the LM may be absent when frozen, its new weights (cross-attention
+    layers, LoRA adapters) never."""
     state = check_tensors(state, source)
     state = {name: tensor for name, tensor in state.items() if not name.endswith(LEGACY_LM_BUFFERS)}
     expected = model.state_dict()
     tied = tied_names(model)  # stored once, under the first name (GPT-2's lm_head is its token embeddings)
     lm_optional = not model.config.lm_in_checkpoint
-    # Cross-attention layers are trained weights: a checkpoint without them is refused, never filled
-    # with the fresh random ones the LM was built with.
+    # Cross-attention layers and adapters are trained weights: a checkpoint without them is refused, never
+    # filled with the fresh random ones the LM was built with.
     missing = [
         name
         for name in expected
         if name not in state
         and name not in tied
-        and not (lm_optional and name.startswith("gpt.") and not is_cross_attention_weight(name))
+        and not (lm_optional and name.startswith("gpt.") and not is_new_weight(name))
     ]
     unexpected = [name for name in state if name not in expected]
     if missing or unexpected:
@@ -175,12 +185,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if config.encoder:
         check_encoder_spec(config.encoder, str(path), required=())  # what it holds; what is used needs more
     state = check_tensors(checkpoint["model"], str(path))
-    lm = None if config.lm_in_checkpoint and config.lm_config else load_lm(config.lm_name, config.cross_attention)
+    lm = None if config.lm_in_checkpoint and config.lm_config else pretrained_captioner_lm(config)
     # Shapes first, on the meta device: a small file whose config declares a large model must not
     # cost that model's memory before it is found out.
     check_layer_count(config, state, str(path))
     check_state(meta_captioner(config, lm, str(path)), state, str(path))
-    model = ClipCaptionModel(config, lm if lm is not None else lm_from_config(config.lm_config, str(path)))
+    model = ClipCaptionModel(
+        config, lm if lm is not None else lm_from_config(config.lm_config, str(path), config.lm_dtype)
+    )
     if not config.lm_in_checkpoint:
         model.freeze_lm()
     load_state_into(model, state, str(path))

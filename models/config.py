@@ -5,6 +5,9 @@ from typing import Any, get_type_hints
 
 from data.errors import InputError
 
+LM_DTYPES = ("fp32", "bf16", "fp16")  # the LM's weight dtypes (--lm_dtype); the mapper is always fp32
+LORA_KEYS = {"r", "alpha", "dropout", "targets"}
+
 
 @dataclass
 class CaptionerConfig:
@@ -18,7 +21,9 @@ class CaptionerConfig:
     normalize_prefix: bool = False  # L2-normalize image features before the mapper
     lm_name: str = "gpt2"  # transformers id or directory of the LM and its tokenizer
     lm_config: dict | None = None  # the LM's config.to_dict(): rebuilds a fine-tuned LM offline
-    lm_in_checkpoint: bool = True  # False with --only_prefix: the LM comes from lm_name
+    lm_in_checkpoint: bool = True  # False with --only_prefix or LoRA: the LM comes from lm_name
+    lm_dtype: str = "fp32"  # a LM_DTYPES name: the dtype of the LM's weights
+    lora: dict | None = None  # LoRA adapters on the LM: {"r", "alpha", "dropout", "targets"} (models/lora.py)
     encoder: dict | None = None  # models.encoders.EncoderSpec as a dict (from the feature file's meta)
 
     @property
@@ -48,4 +53,32 @@ class CaptionerConfig:
             if wrong_kind or not isinstance(value, types[name]) or (types[name] is int and value < 1):
                 kind = getattr(types[name], "__name__", str(types[name]))  # "int", or "dict | None"
                 raise InputError(f"{source}: captioner config {name!r} is {value!r}, not a valid {kind}")
+        if values.get("lm_dtype", "fp32") not in LM_DTYPES:
+            raise InputError(f"{source}: captioner config 'lm_dtype' is {values['lm_dtype']!r}, not one of {LM_DTYPES}")
+        if values.get("lora") is not None:
+            check_lora(values["lora"], values.get("lm_in_checkpoint", True), source)
         return cls(**values)
+
+
+def check_lora(spec: dict, lm_in_checkpoint: bool, source: str) -> None:
+    """A LoRA spec as train.py writes it: a rank, a scale, a dropout rate and module names; the LM's own
+    weights are not in the checkpoint (they are frozen, and come from lm_name)."""
+    number = (int, float)
+    fits = (
+        set(spec) == LORA_KEYS
+        and type(spec["r"]) is int
+        and spec["r"] >= 1
+        and isinstance(spec["alpha"], number)
+        and not isinstance(spec["alpha"], bool)
+        and spec["alpha"] > 0
+        and isinstance(spec["dropout"], number)
+        and not isinstance(spec["dropout"], bool)
+        and 0 <= spec["dropout"] < 1
+        and isinstance(spec["targets"], list)
+        and len(spec["targets"]) > 0
+        and all(isinstance(target, str) and target for target in spec["targets"])
+    )
+    if not fits:
+        raise InputError(f"{source}: captioner config 'lora' is {spec!r:.200}, not a valid LoRA spec")
+    if lm_in_checkpoint:
+        raise InputError(f"{source}: captioner config has LoRA adapters but says the whole LM is in the checkpoint")

@@ -28,6 +28,7 @@ from models.checkpoint import check_layer_count, check_state, load_checkpoint, l
 from models.config import CaptionerConfig
 from models.encoders import check_encoder_spec, encoder_from_spec, save_encoder
 from models.lm import lm_config_object, lm_from_config, tied_names
+from models.lora import merge_adapters
 
 MODEL_TYPE = "clipcap_plus_captioner"  # config.json's model_type: what tells an export from other directories
 ARCHITECTURES = ["ClipCaptionModel"]
@@ -66,8 +67,13 @@ def image_processor_config(spec: dict[str, Any]) -> dict[str, Any]:
 
 def save_export(directory: str | os.PathLike, model: ClipCaptionModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Write `model` (its whole LM loaded) and its tokenizer into the empty `directory` as an export; a
-    local encoder directory is loaded by its spec and saved under `encoder/`."""
+    local encoder directory is loaded by its spec and saved under `encoder/`. LoRA adapters are merged into
+    the LM's weights first, in `model` itself (it becomes the plain captioner it exports), so the export
+    needs no peft."""
     directory = Path(directory)
+    if model.config.lora:
+        merge_adapters(model.gpt)
+        model.config.lora = None
     config = CaptionerConfig.from_dict(model.config.to_dict())
     config.lm_name, config.lm_in_checkpoint, config.lm_config = ".", True, model.gpt.config.to_dict()
     if os.path.isabs(config.lm_config.get("_name_or_path", "")):
@@ -161,7 +167,7 @@ def load_export(directory: str | os.PathLike, map_location: str | torch.device =
     check_state(skeleton, header, str(weights))
     if doubled := sorted(tied_names(skeleton) & set(header)):
         raise InputError(f"{weights}: stores {doubled[0]}, a tied weight that is stored under its first name only")
-    model = ClipCaptionModel(config, lm_from_config(config.lm_config, str(directory / CONFIG_FILE)))
+    model = ClipCaptionModel(config, lm_from_config(config.lm_config, str(directory / CONFIG_FILE), config.lm_dtype))
     load_state_into(model, load_file(weights, device=str(map_location)), str(weights))
     return model.eval()
 

@@ -1,8 +1,8 @@
 """The captioner's language model, behind one seam: everything the rest of the repo knows about the LM is
 here. Loading (by transformers id or local directory, every failure one line), its tokenizer, its input
 embeddings and context length, whether and how it cross-attends, its tied weights, the buffers older
-checkpoints carry, and the key/value cache decoding steps it with. No other module names a family's
-attributes.
+checkpoints carry, the key/value cache decoding steps it with, the weight dtype it loads in, gradient
+checkpointing, and which of its modules LoRA adapts. No other module names a family's attributes.
 
 Token layout, the same in training and in decoding for every family: the prefix (or xattn's start
 embedding), then the caption's tokens without special tokens, then EOS. A tokenizer that adds a BOS token
@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import logging as transformers_logging
 
 from data.errors import InputError, first_line
@@ -46,6 +47,25 @@ GENERATIVE_HEADS = ("ForCausalLM", "LMHeadModel")
 # most others' `layers.N.`, MPT's `blocks.N.`.
 LM_LAYER_INDEX = re.compile(r"^gpt\..*?\.(?:h|layers?|blocks)\.(\d+)\.")
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, StrictDataclassError)
+# --lm_dtype's names (models.config.LM_DTYPES) as torch dtypes.
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# LoRA's default targets (--lora_targets): each family's attention projections, as module-name endings
+# (peft matches a name that is, or ends with ".", the target). GPT-2's "attn." keeps its MLP's c_proj and
+# an xattn captioner's cross-attention (trained whole) out; GPT-NeoX's and Phi's MLPs have no bare "dense".
+LORA_TARGETS = {
+    "gpt2": ("attn.c_attn", "attn.c_proj"),
+    "gptj": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "gpt_neox": ("query_key_value", "attention.dense"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "phi": ("q_proj", "k_proj", "v_proj", "self_attn.dense"),
+}
+# Families whose projections are transformers' Conv1D, which stores its weight (in, out): LoRA must know.
+CONV1D_FAMILIES = ("gpt2",)
+# The weight-name parts of LoRA adapters (peft's names, adapter "default"): new, so trained and stored.
+ADAPTER_WEIGHTS = (".lora_A.", ".lora_B.")
 
 
 def pretrained_lm_config(name: str, cross_attention: bool = False) -> PretrainedConfig:
@@ -72,15 +92,16 @@ def pretrained_lm_config(name: str, cross_attention: bool = False) -> Pretrained
     return config
 
 
-def load_lm(name: str, cross_attention: bool = False) -> PreTrainedModel:
-    """A pretrained causal LM by transformers id or local directory; with `cross_attention`, with new
-    (randomly initialized) cross-attention layers in every block, as an xattn captioner trains them."""
+def load_lm(name: str, cross_attention: bool = False, dtype: str = "fp32") -> PreTrainedModel:
+    """A pretrained causal LM by transformers id or local directory, its weights in `dtype` (a TORCH_DTYPES
+    key); with `cross_attention`, with new (randomly initialized) cross-attention layers in every block, as
+    an xattn captioner trains them."""
     config = pretrained_lm_config(name, cross_attention)
     verbosity = transformers_logging.get_verbosity()
     if cross_attention:
         transformers_logging.set_verbosity_error()  # its report lists the new layers as "missing": expected
     try:
-        return AutoModelForCausalLM.from_pretrained(name, config=config)
+        return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=TORCH_DTYPES[dtype])
     except (*LOAD_ERRORS, RuntimeError) as error:  # RuntimeError: weights of other shapes than the config's
         raise InputError(f"cannot load language model {name!r}: {first_line(error)}") from None
     finally:
@@ -122,11 +143,11 @@ def lm_config_object(lm_config: dict[str, Any], source: str) -> PretrainedConfig
         raise unbuildable(source, error) from None
 
 
-def lm_from_config(lm_config: dict[str, Any], source: str) -> PreTrainedModel:
-    """An LM with the architecture in `lm_config` (random weights, to be overwritten)."""
+def lm_from_config(lm_config: dict[str, Any], source: str, dtype: str = "fp32") -> PreTrainedModel:
+    """An LM with the architecture in `lm_config` (random weights, to be overwritten), its weights in `dtype`."""
     config = lm_config_object(lm_config, source)
     try:
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[dtype])
     except (KeyError, TypeError, ValueError) as error:
         raise unbuildable(source, error) from None
 
@@ -134,6 +155,11 @@ def lm_from_config(lm_config: dict[str, Any], source: str) -> PreTrainedModel:
 def embedding_width(lm: PreTrainedModel) -> int:
     """The LM's input embedding width, from the model itself rather than a guess."""
     return lm.get_input_embeddings().embedding_dim
+
+
+def embedding_dtype(lm: PreTrainedModel) -> torch.dtype:
+    """The dtype of the LM's input embeddings: what a prefix must be to join them."""
+    return lm.get_input_embeddings().weight.dtype
 
 
 def embed_tokens(lm: PreTrainedModel, tokens: torch.Tensor) -> torch.Tensor:
@@ -160,6 +186,47 @@ def cross_attention_inputs(cross_states: torch.Tensor | None) -> dict[str, torch
 def is_cross_attention_weight(name: str) -> bool:
     """Whether an LM parameter (or `gpt.*` state-dict key) belongs to a cross-attention layer."""
     return any(part in name for parts in CROSS_ATTENTION_WEIGHTS.values() for part in parts)
+
+
+def is_adapter_weight(name: str) -> bool:
+    """Whether an LM parameter (or `gpt.*` state-dict key) belongs to a LoRA adapter."""
+    return any(part in name for part in ADAPTER_WEIGHTS)
+
+
+def is_new_weight(name: str) -> bool:
+    """Whether an LM parameter (or `gpt.*` key) is one the pretrained LM lacks (cross-attention layers, LoRA
+    adapters): trained and stored even when the LM's own weights are frozen."""
+    return is_cross_attention_weight(name) or is_adapter_weight(name)
+
+
+def lora_targets(model_type: str, lm_name: str) -> list[str]:
+    """The default LoRA targets of the LM's family: its attention projections."""
+    if model_type not in LORA_TARGETS:
+        raise InputError(
+            f"--lora_r: no default LoRA targets for {lm_name!r} ({model_type}; known: {', '.join(LORA_TARGETS)}); "
+            "name its attention projections with --lora_targets"
+        )
+    return list(LORA_TARGETS[model_type])
+
+
+def enable_gradient_checkpointing(lm: PreTrainedModel) -> None:
+    """Recompute each block's activations in backward instead of storing them. Non-reentrant: the reentrant
+    kind passes gradients only to inputs that require them, and a frozen LM's blocks would get none, so
+    the prefix (the mapper) would not learn."""
+    arguments = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers 5.25's name; the old one warns there
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=arguments)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=arguments)
+
+
+def checkpoint_in_eval_mode(lm: PreTrainedModel) -> None:
+    """Let a frozen LM's blocks checkpoint although the LM is in eval mode (no dropout): transformers
+    checkpoints a block only while its `training` is set, so it is set on the blocks alone, not on the
+    dropout and attention modules inside them. Without gradient checkpointing this changes nothing."""
+    for module in lm.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True
 
 
 def tied_names(module: nn.Module) -> set[str]:

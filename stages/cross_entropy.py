@@ -60,9 +60,9 @@ class CrossEntropy:
         return f"--data {self.options.data}"
 
     def build_model(self, config: CaptionerConfig) -> ClipCaptionModel:
-        """A fresh mapper on the LM of the config (frozen with --only_prefix)."""
+        """A fresh mapper on the LM of the config (frozen with --only_prefix and LoRA)."""
         model = build_captioner(config)
-        if self.options.only_prefix:
+        if not config.lm_in_checkpoint:
             model.freeze_lm()
         return model
 

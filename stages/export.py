@@ -26,11 +26,12 @@ from models.hf_export import (
     is_export_dir,
     save_export,
 )
+from models.lm import is_adapter_weight
 from stages.train_options import TrainingOptions
 from stages.train_state import RunFiles
 
 CARD_FILE = "README.md"
-CARD_SKIPS_CONFIG = ("lm_name", "lm_config", "lm_in_checkpoint", "encoder")  # shown in words, or too long
+CARD_SKIPS_CONFIG = ("lm_name", "lm_config", "lm_in_checkpoint", "encoder", "lora")  # shown in words, or too long
 
 
 def check_export_target(
@@ -86,10 +87,18 @@ def model_card(model: ClipCaptionModel, training: dict[str, Any], checkpoint: Pa
     checkpoint's config), and the scores the checkpoint stores, or that it stores none."""
     config, lm = model.config, model.gpt.config
     encoder, source = config.encoder, bundled_encoder_source(config)
-    lm_parameters = sum(parameter.numel() for parameter in model.gpt.parameters())
+    lm_parameters = sum(
+        parameter.numel() for name, parameter in model.gpt.named_parameters() if not is_adapter_weight(name)
+    )
     mapper_parameters = sum(parameter.numel() for parameter in model.clip_project.parameters())
     trained = "the mapper and the cross-attention layers were" if config.cross_attention else "the mapper was"
     lm_state = f"frozen (`--only_prefix`: only {trained} trained)" if not config.lm_in_checkpoint else "fine-tuned"
+    if config.lora:
+        lora = config.lora
+        lm_state = (
+            f"frozen, with LoRA adapters (rank {lora['r']}, alpha {lora['alpha']}, on {', '.join(lora['targets'])}) "
+            "trained with the mapper and merged into its weights"
+        )
     if encoder:
         where = f"bundled in `{ENCODER_DIR}/{Path(source).name}`" if source else "loaded by its hub id"
         encoder_line = (
@@ -195,9 +204,10 @@ def export_checkpoint(
     inputs = {"CHECKPOINT": checkpoint, "the LM": lm_dir, "the encoder": bundled_encoder_source(model.config)}
     check_export_target(flag, out_dir, inputs, overwrite)  # again, now that the config names its directories
     tokenizer = captioner_tokenizer(model)
+    card = model_card(model, training, checkpoint)  # before save_export merges a LoRA model's adapters
     with atomic_directory(out_dir) as building:
         save_export(building, model, tokenizer)
-        (building / CARD_FILE).write_text(model_card(model, training, checkpoint), encoding="utf-8")
+        (building / CARD_FILE).write_text(card, encoding="utf-8")
     print(f"exported {checkpoint} to {out_dir}; caption with: python predict.py IMAGE --checkpoint {out_dir}")
     return model
 

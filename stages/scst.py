@@ -191,6 +191,11 @@ class Scst:
             raise InputError("--baseline mean needs --scst_samples of at least 2 (or use --baseline greedy)")
         self.initial = load_captioner(self.options.init_from)
         config = self.initial.config
+        if config.lm_in_checkpoint and config.lm_dtype != "fp32":
+            raise InputError(
+                f"--init_from {self.options.init_from}: its whole LM is {config.lm_dtype}, where SCST's updates "
+                "would round away; start from the LoRA or --only_prefix checkpoint it was exported from"
+            )
         positions = context_length(self.initial.gpt)
         if positions is not None and config.prefix_length + self.options.max_length > positions:
             raise InputError(

@@ -30,7 +30,7 @@ from models.captioner import ClipCaptionModel
 from models.checkpoint import load_state_into, save_checkpoint, save_config_json
 from models.decoding import DecodingOptions
 from models.device import resolve_precision
-from models.lm import context_length, load_tokenizer
+from models.lm import context_length, enable_gradient_checkpointing, load_tokenizer
 from stages.cross_entropy import caption_dataset, compute_loss
 from stages.distributed import (
     DistributedContext,
@@ -113,6 +113,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.config.lm_name)
         torch.manual_seed(options.seed)  # the mapper's initial weights
         self.model = self.objective.build_model(self.config)
+        if options.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model.gpt)  # each epoch's network.train() sets a frozen LM's blocks
         self.train_set, self.train_collate = self.objective.training_data(train_file, self.tokenizer, self.model)
         self.val_file = self._validation_file()
         self.val_set = self._val_set(self.val_file) if self.val_file is not None else None

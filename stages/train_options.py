@@ -6,9 +6,10 @@ from pathlib import Path
 from data.errors import InputError
 from data.features import FeatureFile
 from data.options import UsageRule, option
-from models.config import CaptionerConfig
+from models.config import LM_DTYPES, CaptionerConfig
 from models.device import DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from models.encoders import DINOV2_MODELS
+from models.lm import lora_targets, pretrained_lm_config
 from models.mappers import MAPPERS
 from stages.rewards import BASELINES, REWARDS
 from stages.tracking import TRACKING_GROUP, TrackingOptions
@@ -25,6 +26,7 @@ USAGE_RULES = (
     UsageRule("model", lambda options: options.scst, "--scst takes the model from --init_from's config; do not give {flags}"),
     UsageRule("scst", lambda options: not options.scst, "{flags}: only with --scst"),
     UsageRule("prefix_mapper", lambda options: options.mapping_type == "xattn", "{flags}: --mapping_type xattn has no prefix mapper"),
+    UsageRule("lora", lambda options: options.lora_r == 0, "{flags}: only with --lora_r (LoRA adapters)"),
 )  # fmt: skip
 
 
@@ -108,6 +110,46 @@ class TrainingOptions(TrackingOptions):
         aliases=("gpt2",),
         group="ours",
         usage=("model",),
+    )
+    lora_r: int = option(
+        0,
+        "LoRA rank: train low-rank adapters on the LM's attention projections (and the mapper); the LM's own "
+        "weights stay frozen and out of checkpoints (0: no LoRA)",
+        minimum=0,
+        group="ours",
+        usage=("model",),
+    )
+    lora_alpha: float | None = option(
+        None,
+        "LoRA scale numerator: the adapters' update is scaled by alpha / r",
+        positive=True,
+        shown_default="2 x --lora_r (a scale of 2 whatever the rank)",
+        group="ours",
+        usage=("model", "lora"),
+    )
+    lora_dropout: float = option(
+        0.05, "dropout on the adapters' input, in [0, 1)", minimum=0, group="ours", usage=("model", "lora")
+    )
+    lora_targets: list[str] | None = option(
+        None,
+        "the LM modules LoRA adapts, by name or name ending (q_proj v_proj, attn.c_attn)",
+        shown_default="the family's attention projections (models/lm.py LORA_TARGETS)",
+        group="ours",
+        usage=("model", "lora"),
+    )
+    lm_dtype: str = option(
+        "fp32",
+        "dtype of the LM's weights, for a frozen (--only_prefix) or LoRA LM (the mapper and adapters stay fp32); "
+        "a full fine-tune needs fp32 weights (mixed precision is --precision)",
+        choices=list(LM_DTYPES),
+        group="ours",
+        usage=("model",),
+    )
+    gradient_checkpointing: bool = option(
+        False,
+        "recompute the LM's activations in the backward pass instead of storing them: less memory, about a "
+        "third more compute",
+        group="ours",
     )
     lr: float = option(2e-5, "peak AdamW learning rate", positive=True, group="ours")
     warmup_steps: int | None = option(
@@ -232,6 +274,19 @@ def captioner_config(options: TrainingOptions, features: FeatureFile) -> Caption
         )
     # A directory is recorded absolute, so the checkpoint loads from any working directory.
     lm_name = str(Path(options.lm).resolve()) if Path(options.lm).is_dir() else options.lm
+    if options.lm_dtype != "fp32" and not (options.only_prefix or options.lora_r):
+        # AdamW's updates are mostly far below a bf16 weight's resolution (8 bits of mantissa): they would
+        # round away. Mixed precision (fp32 weights, bf16 compute) is --precision.
+        raise InputError(
+            f"--lm_dtype {options.lm_dtype} trains the LM's weights in {options.lm_dtype}, where most updates round "
+            "away; fine-tune in fp32 weights (with --precision bf16 for speed), or freeze the LM: --only_prefix "
+            "or --lora_r"
+        )
+    if options.lm_dtype != "fp32" and options.mapping_type == "xattn":
+        raise InputError(
+            f"--lm_dtype {options.lm_dtype}: xattn's new cross-attention layers would train in {options.lm_dtype} "
+            "weights; use --lm_dtype fp32 (with --precision bf16 for speed)"
+        )
     return CaptionerConfig(
         feature_dim=features.feature_dim,
         prefix_length=1 if options.mapping_type == "xattn" else options.prefix_length,  # xattn: the start embedding
@@ -240,6 +295,20 @@ def captioner_config(options: TrainingOptions, features: FeatureFile) -> Caption
         num_layers=options.num_layers,
         normalize_prefix=options.normalize_prefix,
         lm_name=lm_name,
-        lm_in_checkpoint=not options.only_prefix,
+        lm_in_checkpoint=not (options.only_prefix or options.lora_r),
+        lm_dtype=options.lm_dtype,
+        lora=lora_spec(options, lm_name) if options.lora_r else None,
         encoder=encoder,
     )
+
+
+def lora_spec(options: TrainingOptions, lm_name: str) -> dict:
+    """The config's LoRA spec from the flags, the targets resolved (the family's default unless given), so a
+    checkpoint names the modules it adapts."""
+    if options.only_prefix:
+        raise InputError("--lora_r trains adapters in the LM, --only_prefix trains the mapper alone: give one")
+    if options.lora_dropout >= 1:
+        raise InputError(f"--lora_dropout {options.lora_dropout}: must be below 1")
+    targets = options.lora_targets or lora_targets(pretrained_lm_config(lm_name).model_type, lm_name)
+    alpha = options.lora_alpha if options.lora_alpha is not None else 2 * options.lora_r
+    return {"r": options.lora_r, "alpha": alpha, "dropout": options.lora_dropout, "targets": targets}

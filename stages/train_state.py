@@ -39,6 +39,8 @@ ARCHITECTURE_FIELDS = (
     "num_layers",
     "normalize_prefix",
     "lm_name",
+    "lm_dtype",
+    "lora",
 )
 
 

@@ -141,10 +141,10 @@ def test_checkpoint_declaring_a_large_lm_is_refused_before_it_is_built(
     torch.save(checkpoint, bloated)
     original = checkpoint_module.lm_from_config
 
-    def on_meta_only(lm_config, source):
+    def on_meta_only(*arguments):  # lm_config, source, dtype
         # Only shapes may be built (on the meta device), never the declared model's gigabytes.
         assert torch.get_default_device().type == "meta", "the declared LM was built for real"
-        return original(lm_config, source)
+        return original(*arguments)
 
     monkeypatch.setattr(checkpoint_module, "lm_from_config", on_meta_only)
     with pytest.raises(InputError, match=message):
