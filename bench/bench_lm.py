@@ -5,7 +5,9 @@ not depend on them), all with GPT-2's 50257-token vocabulary: GPT-2 (GPT2Config(
 - train: a full fine-tune step of the MLP-prefix captioner at --batch_size captions (COCO-like lengths),
   samples/s and peak memory;
 - greedy and beam: captions/s decoding --decode_batch images (--max_length tokens each: random weights
-  rarely stop early, so every family decodes the same number of steps).
+  rarely stop early, so every family decodes the same number of steps);
+- LoRA against a full fine-tune of a 350M-class LM (GPT-2 medium's architecture): training samples/s, peak
+  memory and the size of the checkpoint each writes (LoRA's holds the mapper and adapters only).
 
 Each variant runs in a fresh process, so its peak memory (peak RSS on CPU, peak allocated on CUDA) is its own.
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,10 +34,12 @@ from bench.child import run_variant_process  # noqa: E402
 from data.captions import CaptionCollator  # noqa: E402
 from data.errors import exit_on_input_error  # noqa: E402
 from models.captioner import ClipCaptionModel  # noqa: E402
+from models.checkpoint import save_checkpoint  # noqa: E402
 from models.config import CaptionerConfig  # noqa: E402
 from models.decoding import DecodingOptions, decode  # noqa: E402
 from models.device import DEVICE_HELP, resolve_device  # noqa: E402
-from models.lm import lm_from_config  # noqa: E402
+from models.lm import lm_from_config, lora_targets  # noqa: E402
+from models.lora import add_adapters  # noqa: E402
 from stages.train import apply_gradients, compute_loss  # noqa: E402
 
 VOCABULARY = 50257  # GPT-2's, for every family: the LM head costs the same
@@ -47,20 +52,27 @@ ARCHITECTURES = {
         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=EOS, eos_token_id=EOS,
     ),
+    "gpt2-medium": lambda: GPT2Config(n_embd=1024, n_layer=24, n_head=16),  # 355M: LoRA against a full fine-tune
     "t5": lambda: T5Config(
         vocab_size=VOCABULARY, d_model=768, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=12,
         pad_token_id=EOS, eos_token_id=EOS, decoder_start_token_id=EOS,
     ),
 }  # fmt: skip
 TASKS = ("train", "greedy", "beam")
+FINE_TUNES = ("full", "lora")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Benchmark flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--architectures", default=",".join(ARCHITECTURES), help="comma list of: gpt2, llama, t5")
+    parser.add_argument("--architectures", default="gpt2,llama,t5", help=f"comma list of: {', '.join(ARCHITECTURES)}")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma list of: train, greedy, beam")
+    parser.add_argument(
+        "--fine_tunes", default=",".join(FINE_TUNES), help="comma list of: full, lora (at 350M; empty: skip)"
+    )
+    parser.add_argument("--lora_architecture", default="gpt2-medium", help="the LM that LoRA and a full fine-tune train")
+    parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank (alpha 2r, its attention projections)")
     parser.add_argument("--batch_size", type=int, default=40, help="captions per training step (ClipCap's --bs)")
     parser.add_argument("--decode_batch", type=int, default=64, help="images decoded together")
     parser.add_argument("--beam_size", type=int, default=5, help="beams per image for the beam task")
@@ -74,12 +86,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_model(architecture: str, args: argparse.Namespace) -> ClipCaptionModel:
-    """The MLP-prefix captioner over a randomly initialized LM of `architecture`."""
+def build_model(architecture: str, args: argparse.Namespace, fine_tune: str = "full") -> ClipCaptionModel:
+    """The MLP-prefix captioner over a randomly initialized LM of `architecture`, the whole LM training
+    (`full`) or frozen with LoRA adapters on its attention projections (`lora`)."""
     torch.manual_seed(args.seed)
     lm = lm_from_config(ARCHITECTURES[architecture]().to_dict(), f"bench architecture {architecture}")
     config = CaptionerConfig(feature_dim=args.feature_dim, prefix_length=args.prefix_length)
-    return ClipCaptionModel(config, lm)
+    if fine_tune == "full":
+        return ClipCaptionModel(config, lm)
+    targets = lora_targets(lm.config.model_type, architecture)
+    config.lora = {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.05, "targets": targets}
+    config.lm_in_checkpoint = False
+    model = ClipCaptionModel(config, add_adapters(lm, config.lora, architecture))
+    model.freeze_lm()
+    return model
+
+
+def checkpoint_mib(model: ClipCaptionModel) -> float:
+    """The size of the checkpoint train.py writes each epoch (config and weights, no optimizer state)."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "model.pt"
+        save_checkpoint(path, model)
+        return path.stat().st_size / 2**20
 
 
 def peak_mib(device: torch.device) -> float:
@@ -127,19 +155,20 @@ def time_decoding(model: ClipCaptionModel, args: argparse.Namespace, device: tor
 
 
 def run_variant(args: argparse.Namespace) -> dict:
-    """Time one (architecture, task) in this process; returns its figures."""
+    """Time one (architecture, task) or (architecture, fine-tune) in this process; returns its figures."""
     architecture, task = args.variant.split(":")
     device = resolve_device(args.device)
     steps = args.steps or (20 if device.type == "cuda" else 2)
-    model = build_model(architecture, args).to(device)
-    parameters = sum(parameter.numel() for parameter in model.gpt.parameters())
-    if task == "train":
-        seconds = time_training(model, args, device, steps)
-        rate = args.batch_size / seconds
+    model = build_model(architecture, args, task if task in FINE_TUNES else "full").to(device)
+    figures = {"variant": args.variant, "lm_parameters": sum(parameter.numel() for parameter in model.gpt.parameters())}
+    if task in ("train", *FINE_TUNES):
+        figures["per_s"] = args.batch_size / time_training(model, args, device, steps)
     else:
-        seconds = time_decoding(model, args, device, task, steps)
-        rate = args.decode_batch / seconds
-    return {"variant": args.variant, "lm_parameters": parameters, "per_s": rate, "peak_mib": peak_mib(device)}
+        figures["per_s"] = args.decode_batch / time_decoding(model, args, device, task, steps)
+    figures["peak_mib"] = peak_mib(device)
+    if task in FINE_TUNES:
+        figures["checkpoint_mib"] = checkpoint_mib(model)
+    return figures
 
 
 def main(args: argparse.Namespace) -> None:
@@ -163,6 +192,19 @@ def main(args: argparse.Namespace) -> None:
                 f"{units[task]:<12}{figures['peak_mib']:>9.0f}",
                 flush=True,
             )
+    fine_tunes = [fine_tune for fine_tune in args.fine_tunes.split(",") if fine_tune]
+    if fine_tunes:
+        print(f"{'fine-tune':<10}{'architecture':<14}{'LM params':>11}{'samples/s':>11}{'peak MiB':>10}{'ckpt MiB':>10}")
+    for fine_tune in fine_tunes:
+        figures, error = run_variant_process(__file__, f"{args.lora_architecture}:{fine_tune}")
+        if figures is None:
+            print(f"{fine_tune:<10}{args.lora_architecture:<14} failed: {error}", flush=True)
+            continue
+        print(
+            f"{fine_tune:<10}{args.lora_architecture:<14}{figures['lm_parameters'] / 1e6:>10.1f}M{figures['per_s']:>11.2f}"
+            f"{figures['peak_mib']:>10.0f}{figures['checkpoint_mib']:>10.1f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
