@@ -19,6 +19,7 @@ class CaptionerConfig:
     lm_name: str = "gpt2"  # transformers id or directory of the LM and its tokenizer
     lm_config: dict | None = None  # the LM's config.to_dict(): rebuilds a fine-tuned LM offline
     lm_in_checkpoint: bool = True  # False with --only_prefix: the LM comes from lm_name
+    prompt: str | None = None  # encoder-decoder LMs: text the encoder reads after the prefix ("a picture of")
     encoder: dict | None = None  # models.encoders.EncoderSpec as a dict (from the feature file's meta)
 
     @property

@@ -191,10 +191,10 @@ class Scst:
             raise InputError("--baseline mean needs --scst_samples of at least 2 (or use --baseline greedy)")
         self.initial = load_captioner(self.options.init_from)
         config = self.initial.config
-        positions = context_length(self.initial.gpt)
-        if positions is not None and config.prefix_length + self.options.max_length > positions:
+        positions, lead = context_length(self.initial.gpt), self.initial.positions_before_caption
+        if positions is not None and lead + self.options.max_length > positions:
             raise InputError(
-                f"--max_length {self.options.max_length}: prefix ({config.prefix_length}) plus caption exceeds "
+                f"--max_length {self.options.max_length}: prefix ({lead}) plus caption exceeds "
                 f"the LM's {positions} positions"
             )
         if config.feature_dim != train_file.feature_dim:

@@ -109,6 +109,13 @@ class TrainingOptions(TrackingOptions):
         group="ours",
         usage=("model",),
     )
+    prompt: str | None = option(
+        None,
+        'an encoder-decoder LM (T5, BART): text its encoder reads after the prefix, e.g. "a picture of"; recorded '
+        "in the model config, so decoding uses it too",
+        group="ours",
+        usage=("model", "prefix_mapper"),
+    )
     lr: float = option(2e-5, "peak AdamW learning rate", positive=True, group="ours")
     warmup_steps: int | None = option(
         None,
@@ -241,5 +248,6 @@ def captioner_config(options: TrainingOptions, features: FeatureFile) -> Caption
         normalize_prefix=options.normalize_prefix,
         lm_name=lm_name,
         lm_in_checkpoint=not options.only_prefix,
+        prompt=options.prompt,
         encoder=encoder,
     )

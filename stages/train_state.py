@@ -39,6 +39,7 @@ ARCHITECTURE_FIELDS = (
     "num_layers",
     "normalize_prefix",
     "lm_name",
+    "prompt",
 )
 
 
