@@ -22,6 +22,7 @@ from models.lm import (
     embed_tokens,
     embedding_width,
     encode,
+    encoder_own_parameters,
     has_cross_attention,
     is_cross_attention_weight,
     is_encoder_decoder,
@@ -75,7 +76,7 @@ class DecoderOnly(nn.Module):
 class EncoderDecoder(nn.Module):
     """An encoder-decoder LM's layout (T5, BART): the prefix, then the prompt's token embeddings, are the
     encoder's input; the decoder's sequence starts with its decoder start token and cross-attends to the
-    encoder's output, which is computed once per image."""
+    encoder's output, which is computed once per image. (xattn: the patch tokens stand in for that output.)"""
 
     lead_length = 1  # the decoder start token
 
@@ -84,6 +85,10 @@ class EncoderDecoder(nn.Module):
         if start_token_id(lm) is None:
             raise InputError(f"the {lm.config.model_type} LM's config names no decoder_start_token_id")
         self.start_id = start_token_id(lm)
+        if config.cross_attention:
+            # xattn never runs the encoder: weights without gradients must not train (nor keep DDP waiting).
+            for parameter in encoder_own_parameters(lm):
+                parameter.requires_grad_(False)
         ids = []
         if config.prompt:
             if config.cross_attention:

@@ -198,6 +198,13 @@ def encode(lm: PreTrainedModel, inputs_embeds: torch.Tensor) -> torch.Tensor:
     return lm.get_encoder()(inputs_embeds=inputs_embeds).last_hidden_state
 
 
+def encoder_own_parameters(lm: PreTrainedModel) -> list[nn.Parameter]:
+    """An encoder-decoder's encoder parameters that the decoder does not share (T5's and BART's token
+    embeddings are shared, so not among them)."""
+    shared = {id(parameter) for parameter in lm.get_decoder().parameters()}
+    return [parameter for parameter in lm.get_encoder().parameters() if id(parameter) not in shared]
+
+
 def lm_logits(
     lm: PreTrainedModel,
     inputs_embeds: torch.Tensor,

@@ -141,7 +141,14 @@ def test_a_prompt_needs_an_encoder_decoder_and_a_prefix_mapper(tmp_path, data, c
 def test_xattn_cross_attends_to_patch_tokens_with_the_decoders_own_layers(tmp_path, lm_dir):
     tokens = write_patch_tokens(tmp_path / "tokens.pkl", [[text] * 2 for text in CAPTIONS])
     out_dir = tmp_path / "xattn"
-    train.main(train.parse_args(xattn_args(tokens, out_dir, lm_dir, "--epochs", str(EPOCHS), "--save_every", "100")))
+    model = train.main(
+        train.parse_args(xattn_args(tokens, out_dir, lm_dir, "--epochs", str(EPOCHS), "--save_every", "100"))
+    )
+    pristine = load_lm(str(lm_dir)).state_dict()
+    # The encoder never ran: its own weights did not train; the decoder's and the shared embeddings did.
+    trained = {name for name, tensor in model.gpt.state_dict().items() if not torch.equal(tensor, pristine[name])}
+    assert trained and not any("encoder." in name and "embed_tokens" not in name for name in trained)
+    assert any("decoder." in name for name in trained)
     losses = [record["loss"] for record in read_log(out_dir) if "loss" in record]
     assert sum(losses[-2:]) / 2 < 0.3 * losses[0]
     loaded = load_checkpoint(out_dir / LAST)
@@ -201,3 +208,14 @@ def test_xattn_refusal_names_the_families_with_cross_attention(tmp_path):
         InputError, match=r"\(llama\) has no cross-attention .*gpt2, and encoder-decoders such as t5 and bart"
     ):
         load_lm(str(llama), cross_attention=True)
+
+
+def test_a_checkpoint_declaring_more_decoder_blocks_than_it_holds_is_refused(trained, lm_dir, tmp_path):
+    _, out_dir = trained
+    checkpoint = torch.load(out_dir / LAST, weights_only=True)
+    decoder_layers = "num_decoder_layers" if "t5" in str(lm_dir) else "decoder_layers"
+    checkpoint["config"]["lm_config"][decoder_layers] = 40
+    bloated = tmp_path / "bloated.pt"
+    torch.save(checkpoint, bloated)
+    with pytest.raises(InputError, match="the LM config declares 42 blocks, the weights hold 4"):
+        load_checkpoint(bloated)
