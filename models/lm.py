@@ -264,10 +264,10 @@ def tied_names(module: nn.Module) -> set[str]:
 
 
 @functools.cache
-def _cache_keyword(lm_class: type) -> str:
+def _cache_keyword(model_class: type) -> str:
     # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name is deprecated).
     # Looked up once per LM class: decoding builds rows for every batch.
-    return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def cache_inputs(lm: PreTrainedModel, cache: DynamicCache | EncoderDecoderCache | None) -> dict[str, Any]:

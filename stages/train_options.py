@@ -69,8 +69,8 @@ class TrainingOptions(TrackingOptions):
     )
     mapping_type: str = option(
         "mlp",
-        "mapper architecture; xattn: GPT-2 gains cross-attention layers over a projection of patch-token features "
-        "(--feature_type patch_tokens at extraction), with no prefix",
+        "mapper architecture; xattn: GPT-2 gains cross-attention layers (an encoder-decoder's decoder uses its own) "
+        "over a projection of patch-token features (--feature_type patch_tokens at extraction), with no prefix",
         choices=sorted(MAPPERS),
         group="clipcap",
         usage=("model",),
@@ -103,8 +103,9 @@ class TrainingOptions(TrackingOptions):
     lm: str = option(
         "gpt2",
         "the language model: a transformers id of a causal LM (gpt2 ... gpt2-xl, EleutherAI/pythia-160m, "
-        "facebook/opt-125m, HuggingFaceTB/SmolLM2-135M, Qwen/Qwen2.5-0.5B, ...) or a local directory; --gpt2 is "
-        "ClipCap's name for it",
+        "facebook/opt-125m, HuggingFaceTB/SmolLM2-135M, Qwen/Qwen2.5-0.5B, ...), of an encoder-decoder (t5-small, "
+        "google/flan-t5-base, bigscience/T0_3B, facebook/bart-base), or a local directory; --gpt2 is ClipCap's name "
+        "for it",
         aliases=("gpt2",),
         group="ours",
         usage=("model",),
