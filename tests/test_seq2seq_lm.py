@@ -3,10 +3,13 @@
 with itself (cached, batched, beam 1) and with transformers' `generate(inputs_embeds=...)` token for token,
 xattn cross-attends with the decoder's own layers, SCST runs, and exports round-trip."""
 
+import json
+
 import pytest
 import torch
 
 import export
+import predict
 import train
 from data.errors import InputError
 from data.store import read_features
@@ -200,6 +203,11 @@ def test_an_export_captions_as_its_checkpoint(prompted, data, tmp_path):
         captions[name] = caption_features(model, captioner_tokenizer(model), features, DecodingOptions(method="greedy"))
     assert captions["export"] == captions["checkpoint"]
     assert load_captioner(exported).config.prompt == PROMPT
+    output = tmp_path / "preds.json"
+    args = ["--features", str(data), "--checkpoint", str(exported), "--decode", "greedy", "--output", str(output)]
+    predict.main(predict.parse_args(args))
+    by_image = {prediction["image_id"]: prediction["caption"] for prediction in json.loads(output.read_text())}
+    assert by_image == {row: caption[0] for row, caption in enumerate(captions["checkpoint"])}
 
 
 def test_xattn_refusal_names_the_families_with_cross_attention(tmp_path):
