@@ -20,7 +20,7 @@ from models.encoders import check_encoder_spec
 from models.lm import (
     LEGACY_LM_BUFFERS,
     LM_LAYER_INDEX,
-    is_new_weight,
+    layer_count,
     lm_config_object,
     lm_from_config,
     load_lm,
@@ -126,7 +126,7 @@ def check_state(model: ClipCaptionModel, state: Any, source: str) -> dict[str, t
         for name in expected
         if name not in state
         and name not in tied
-        and not (lm_optional and name.startswith("gpt.") and not is_new_weight(name))
+        and not (lm_optional and name.startswith("gpt.") and not model.trains_with_lm_frozen(name))
     ]
     unexpected = [name for name in state if name not in expected]
     if missing or unexpected:
@@ -147,8 +147,9 @@ def check_state(model: ClipCaptionModel, state: Any, source: str) -> dict[str, t
 MAPPER_LAYER_INDEX = re.compile(r"^clip_project\.transformer\.layers\.(\d+)\.")  # the transformer mapper's
 
 
-def _indices(pattern: re.Pattern, names: Iterable[str]) -> set[int]:
-    return {int(match.group(1)) for name in names if (match := pattern.match(name))}
+def _indices(pattern: re.Pattern, names: Iterable[str]) -> set[tuple[str, ...]]:
+    # The LM's are (stack, index): an encoder-decoder counts its encoder's blocks and its decoder's.
+    return {match.groups() for name in names if (match := pattern.match(name))}
 
 
 def check_layer_count(config: CaptionerConfig, names: Iterable[str], source: str) -> None:
@@ -162,7 +163,7 @@ def check_layer_count(config: CaptionerConfig, names: Iterable[str], source: str
     if not config.lm_in_checkpoint or not isinstance(config.lm_config, dict):
         return
     # Read from the built config, not the dict: an alias (num_hidden_layers for n_layer) also sets the count.
-    declared = getattr(lm_config_object(config.lm_config, source), "num_hidden_layers", None)
+    declared = layer_count(lm_config_object(config.lm_config, source))
     stored = _indices(LM_LAYER_INDEX, names)
     if isinstance(declared, int) and declared != len(stored):
         raise InputError(f"{source}: the LM config declares {declared} blocks, the weights hold {len(stored)}")

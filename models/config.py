@@ -24,6 +24,7 @@ class CaptionerConfig:
     lm_in_checkpoint: bool = True  # False with --only_prefix or LoRA: the LM comes from lm_name
     lm_dtype: str = "fp32"  # a LM_DTYPES name: the dtype of the LM's weights
     lora: dict | None = None  # LoRA adapters on the LM: {"r", "alpha", "dropout", "targets"} (models/lora.py)
+    prompt: str | None = None  # encoder-decoder LMs: text the encoder reads after the prefix ("a picture of")
     encoder: dict | None = None  # models.encoders.EncoderSpec as a dict (from the feature file's meta)
 
     @property

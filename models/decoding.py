@@ -13,7 +13,7 @@ from data.errors import InputError
 from data.options import add_options, check_ranges, option, option_fields
 from models.captioner import ClipCaptionModel, Conditioning
 from models.device import autocast
-from models.lm import cache_inputs, context_length, cross_attention_inputs, embed_tokens, new_cache
+from models.lm import context_length, embed_tokens, lm_logits, new_cache
 
 METHODS = ("greedy", "beam", "sample")
 
@@ -88,7 +88,8 @@ class Hypothesis:
 class LanguageModelRows:
     """The rows being decoded, as the LM sees them: a KV cache that grows by one token a step, or
     (use_cache=False) the whole embedded sequence, recomputed at every step as ClipCap does. With
-    cross-attention, each row also keeps the patch-token states it attends to."""
+    cross-attention, each row also keeps the states it attends to: the patch tokens (xattn), or an
+    encoder-decoder's encoder output, computed once per image by model.condition."""
 
     def __init__(self, lm: PreTrainedModel, conditioning: Conditioning, use_cache: bool):
         self.lm = lm
@@ -116,7 +117,7 @@ class LanguageModelRows:
         `same_images`, every row stays among its image's rows (beams reordered within their image), so
         the cross-attention states, the same for all of an image's rows, stay where they are."""
         if self.cross_states is not None and not same_images:
-            # GPT-2 runs its cross-attention only when given states; with the cache it reads the
+            # The LM runs its cross-attention only when given states; with the cache it reads the
             # cached keys and values, so these just keep the rows' count and order.
             self.cross_states = self.cross_states[rows]
         if self.cache is None:
@@ -140,14 +141,8 @@ class LanguageModelRows:
     def _run(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         # Rows never need padding (all have the same length), so no attention mask; only the
         # last position goes through the LM head.
-        output = self.lm(
-            inputs_embeds=inputs_embeds,
-            use_cache=self.cache is not None,
-            logits_to_keep=1,
-            **cache_inputs(self.lm, self.cache),
-            **cross_attention_inputs(self.cross_states),
-        )
-        return output.logits[:, -1].float()  # (R, V)
+        logits = lm_logits(self.lm, inputs_embeds, 1, cross_states=self.cross_states, cache=self.cache)
+        return logits[:, -1].float()  # (R, V)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

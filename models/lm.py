@@ -1,11 +1,19 @@
 """The captioner's language model, behind one seam: everything the rest of the repo knows about the LM is
 here. Loading (by transformers id or local directory, every failure one line), its tokenizer, its input
 embeddings and context length, whether and how it cross-attends, its tied weights, the buffers older
-checkpoints carry, the key/value cache decoding steps it with, the weight dtype it loads in, gradient
-checkpointing, and which of its modules LoRA adapts. No other module names a family's attributes.
+checkpoints carry, the key/value cache decoding steps it with, how one pass runs it (`lm_logits`), the
+weight dtype it loads in, gradient checkpointing, and which of its modules LoRA adapts. No other module
+names a family's attributes.
+
+Two layouts: a causal LM (GPT-2, Llama, ...) continues a sequence of embeddings; an encoder-decoder LM
+(T5, Flan-T5, T0, BART) encodes one and its decoder writes the caption from its decoder start token,
+cross-attending to the encoder's output. Either way the sequence that produces the caption is "the
+LM's sequence" here: the causal LM's input, or the decoder's.
 
 Token layout, the same in training and in decoding for every family: the prefix (or xattn's start
-embedding), then the caption's tokens without special tokens, then EOS. A tokenizer that adds a BOS token
+embedding, or an encoder-decoder's decoder start), then the caption's tokens without special tokens, then
+EOS. For an encoder-decoder that is T5's own training layout: labels = caption + EOS, the decoder's input
+the labels shifted right behind the decoder start token. A tokenizer that adds a BOS token
 (Llama, Mistral, OPT) does not add it: the prefix is where the text starts. One without a pad token pads
 with EOS (padding is masked out of attention and loss), and EOS is whatever the tokenizer's is."""
 
@@ -21,6 +29,7 @@ from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     DynamicCache,
     EncoderDecoderCache,
@@ -29,13 +38,22 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import logging as transformers_logging
 
 from data.errors import InputError, first_line
 
-# The families whose blocks gain cross-attention layers (config.add_cross_attention), and the weight
+# The causal families whose blocks gain cross-attention layers (config.add_cross_attention), and the weight
 # names those layers add: new, so always trained and always stored.
 CROSS_ATTENTION_WEIGHTS = {"gpt2": (".crossattention.", ".ln_cross_attn.")}
+# An encoder-decoder's decoder cross-attends already: xattn trains (and stores) these pretrained layers even
+# with --only_prefix, as they now read patch tokens. T5's cross-attention norm (decoder `layer.1.layer_norm`)
+# shares its name with the encoder's feed-forward norm, so it stays with the frozen LM.
+ENCODER_DECODER_CROSS_ATTENTION_WEIGHTS = {
+    "t5": (".EncDecAttention.",),
+    "bart": (".encoder_attn.", ".encoder_attn_layer_norm."),
+}
 # Buffers that GPT-2 checkpoints from older transformers carry and current ones do not.
 LEGACY_LM_BUFFERS = (".attn.bias", ".attn.masked_bias")
 # A tokenizer with fewer tokens than this did not load its vocabulary (transformers 5 builds a
@@ -43,9 +61,11 @@ LEGACY_LM_BUFFERS = (".attn.bias", ".attn.masked_bias")
 MIN_VOCABULARY = 32
 # The class-name endings of a model with a language-modelling head; a bare encoder (BertModel) has none.
 GENERATIVE_HEADS = ("ForCausalLM", "LMHeadModel")
-# A transformer LM's block index in its weight names (ClipCap's `gpt.` prefix): GPT-2's `transformer.h.N.`,
-# most others' `layers.N.`, MPT's `blocks.N.`.
-LM_LAYER_INDEX = re.compile(r"^gpt\..*?\.(?:h|layers?|blocks)\.(\d+)\.")
+SEQ2SEQ_HEAD = "ForConditionalGeneration"  # an encoder-decoder's (T5's, BART's); also a Llava's, which is no LM
+# A transformer LM's stack and block index in its weight names (ClipCap's `gpt.` prefix): GPT-2's
+# `transformer.h.N.`, most others' `layers.N.`, MPT's `blocks.N.`; T5's `encoder.block.N.` and
+# `decoder.block.N.`, BART's `model.encoder.layers.N.` and `model.decoder.layers.N.`.
+LM_LAYER_INDEX = re.compile(r"^gpt\.(.*?)\.(?:h|layers?|blocks?)\.(\d+)\.")
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, StrictDataclassError)
 # --lm_dtype's names (models.config.LM_DTYPES) as torch dtypes.
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,32 +96,39 @@ def pretrained_lm_config(name: str, cross_attention: bool = False) -> Pretrained
     except LOAD_ERRORS as error:
         raise InputError(f"cannot load language model {name!r}: {first_line(error)}") from None
     architectures = getattr(config, "architectures", None) or []
-    if architectures and not any(architecture.endswith(GENERATIVE_HEADS) for architecture in architectures):
+    heads = (*GENERATIVE_HEADS, SEQ2SEQ_HEAD) if config.is_encoder_decoder else GENERATIVE_HEADS
+    if architectures and not any(architecture.endswith(heads) for architecture in architectures):
         raise InputError(
             f"language model {name!r} is a {architectures[0]} ({config.model_type}), which has no language-modelling "
-            "head; give a causal LM (a ...ForCausalLM or ...LMHeadModel)"
+            "head; give a causal LM (a ...ForCausalLM or ...LMHeadModel) or an encoder-decoder (T5, BART)"
         )
-    if cross_attention:
+    if cross_attention and not config.is_encoder_decoder:  # an encoder-decoder's decoder has its own
         if config.model_type not in CROSS_ATTENTION_WEIGHTS:
             raise InputError(
                 f"language model {name!r} ({config.model_type}) has no cross-attention layers for --mapping_type xattn "
-                f"(the families that have them: {', '.join(CROSS_ATTENTION_WEIGHTS)}); use a prefix mapper: "
+                f"(the families that have them: {', '.join(CROSS_ATTENTION_WEIGHTS)}, and encoder-decoders such as "
+                f"{' and '.join(ENCODER_DECODER_CROSS_ATTENTION_WEIGHTS)}); use a prefix mapper: "
                 "--mapping_type mlp or transformer"
             )
         config.add_cross_attention = True
     return config
 
 
+def lm_class(config: PretrainedConfig) -> type:
+    """The auto class that builds the LM of `config`: causal, or sequence-to-sequence for an encoder-decoder."""
+    return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+
+
 def load_lm(name: str, cross_attention: bool = False, dtype: str = "fp32") -> PreTrainedModel:
-    """A pretrained causal LM by transformers id or local directory, its weights in `dtype` (a TORCH_DTYPES
-    key); with `cross_attention`, with new (randomly initialized) cross-attention layers in every block, as
-    an xattn captioner trains them."""
+    """A pretrained LM by transformers id or local directory, its weights in `dtype` (a TORCH_DTYPES key);
+    with `cross_attention`, a causal one gains new (randomly initialized) cross-attention layers in every
+    block, as an xattn captioner trains them (an encoder-decoder's decoder has its own)."""
     config = pretrained_lm_config(name, cross_attention)
     verbosity = transformers_logging.get_verbosity()
     if cross_attention:
         transformers_logging.set_verbosity_error()  # its report lists the new layers as "missing": expected
     try:
-        return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=TORCH_DTYPES[dtype])
+        return lm_class(config).from_pretrained(name, config=config, dtype=TORCH_DTYPES[dtype])
     except (*LOAD_ERRORS, RuntimeError) as error:  # RuntimeError: weights of other shapes than the config's
         raise InputError(f"cannot load language model {name!r}: {first_line(error)}") from None
     finally:
@@ -147,7 +174,7 @@ def lm_from_config(lm_config: dict[str, Any], source: str, dtype: str = "fp32") 
     """An LM with the architecture in `lm_config` (random weights, to be overwritten), its weights in `dtype`."""
     config = lm_config_object(lm_config, source)
     try:
-        return AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[dtype])
+        return lm_class(config).from_config(config, dtype=TORCH_DTYPES[dtype])
     except (KeyError, TypeError, ValueError) as error:
         raise unbuildable(source, error) from None
 
@@ -168,35 +195,90 @@ def embed_tokens(lm: PreTrainedModel, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def context_length(lm: PreTrainedModel) -> int | None:
-    """The most positions the LM takes (prefix and caption together), or None where its config sets no limit."""
+    """The most positions the LM's sequence takes (prefix and caption together; an encoder-decoder's encoder
+    input and its decoder's sequence each), or None where its config sets no limit (T5: relative positions)."""
     config = lm.config
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+def is_encoder_decoder(lm: PreTrainedModel) -> bool:
+    """Whether the LM is an encoder-decoder (T5, BART) rather than a causal LM."""
+    return bool(getattr(lm.config, "is_encoder_decoder", False))
+
+
 def has_cross_attention(lm: PreTrainedModel) -> bool:
-    """Whether the LM's blocks cross-attend (an xattn captioner's LM)."""
-    return bool(getattr(lm.config, "add_cross_attention", False))
+    """Whether the LM's blocks cross-attend: an encoder-decoder's decoder, or a causal LM that was given
+    cross-attention layers (an xattn captioner's)."""
+    return is_encoder_decoder(lm) or bool(getattr(lm.config, "add_cross_attention", False))
 
 
-def cross_attention_inputs(cross_states: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The LM's keyword for cross-attention states, only when there are some: not every causal LM takes it."""
-    return {} if cross_states is None else {"encoder_hidden_states": cross_states}
+def start_token_id(lm: PreTrainedModel) -> int | None:
+    """The token the LM's sequence starts a text with: an encoder-decoder's decoder start (T5's is its pad
+    token), a causal LM's BOS; None where the config names none."""
+    config = lm.config
+    return config.decoder_start_token_id if is_encoder_decoder(lm) else config.bos_token_id
+
+
+def encode(lm: PreTrainedModel, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """An encoder-decoder's encoder output (B, S, E) for input embeddings (B, S, E), every position attended."""
+    return lm.get_encoder()(inputs_embeds=inputs_embeds).last_hidden_state
+
+
+def encoder_own_parameters(lm: PreTrainedModel) -> list[nn.Parameter]:
+    """An encoder-decoder's encoder parameters that the decoder does not share (T5's and BART's token
+    embeddings are shared, so not among them)."""
+    shared = {id(parameter) for parameter in lm.get_decoder().parameters()}
+    return [parameter for parameter in lm.get_encoder().parameters() if id(parameter) not in shared]
+
+
+def lm_logits(
+    lm: PreTrainedModel,
+    inputs_embeds: torch.Tensor,
+    keep: int | torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    cross_states: torch.Tensor | None = None,
+    cache: DynamicCache | EncoderDecoderCache | None = None,
+) -> torch.Tensor:
+    """The logits at positions `keep` (an int: the last ones; a tensor (K,): those) of the LM's sequence
+    `inputs_embeds` (B, L, E), with its attention mask (B, L), the states it cross-attends to (B, T, E):
+    a causal LM's added layers' or an encoder-decoder's encoder output, and a key/value cache that grows
+    (None: no cache is built). (B, K, V)"""
+    running = {"use_cache": cache is not None, **cache_inputs(lm, cache)}
+    if not is_encoder_decoder(lm):
+        if cross_states is not None:  # not every causal LM takes the keyword
+            running["encoder_hidden_states"] = cross_states
+        return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=keep, **running).logits
+    # T5's and BART's seq2seq heads take no logits_to_keep: all positions' logits, then those kept. The
+    # encoder's output is given, so the encoder does not run (it ran once per image, or xattn has none).
+    logits = lm(
+        decoder_inputs_embeds=inputs_embeds,
+        decoder_attention_mask=attention_mask,
+        encoder_outputs=BaseModelOutput(last_hidden_state=cross_states),
+        **running,
+    ).logits
+    return slice_logits_to_keep(logits, keep)
 
 
 def is_cross_attention_weight(name: str) -> bool:
-    """Whether an LM parameter (or `gpt.*` state-dict key) belongs to a cross-attention layer."""
-    return any(part in name for parts in CROSS_ATTENTION_WEIGHTS.values() for part in parts)
+    """Whether an LM parameter (or `gpt.*` state-dict key) belongs to a cross-attention layer (GPT-2's added
+    ones, or an encoder-decoder's decoder's own)."""
+    tables = (CROSS_ATTENTION_WEIGHTS, ENCODER_DECODER_CROSS_ATTENTION_WEIGHTS)
+    return any(part in name for table in tables for parts in table.values() for part in parts)
+
+
+def layer_count(config: PretrainedConfig) -> int | None:
+    """The blocks the LM config declares (an encoder-decoder's encoder and decoder blocks together), or None."""
+    layers = getattr(config, "num_hidden_layers", None)  # an encoder-decoder's encoder's
+    if not isinstance(layers, int) or not config.is_encoder_decoder:
+        return layers if isinstance(layers, int) else None
+    decoder_layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None)
+    return layers + decoder_layers if isinstance(decoder_layers, int) else None
 
 
 def is_adapter_weight(name: str) -> bool:
     """Whether an LM parameter (or `gpt.*` state-dict key) belongs to a LoRA adapter."""
     return any(part in name for part in ADAPTER_WEIGHTS)
-
-
-def is_new_weight(name: str) -> bool:
-    """Whether an LM parameter (or `gpt.*` key) is one the pretrained LM lacks (cross-attention layers, LoRA
-    adapters): trained and stored even when the LM's own weights are frozen."""
-    return is_cross_attention_weight(name) or is_adapter_weight(name)
 
 
 def lora_targets(model_type: str, lm_name: str) -> list[str]:
@@ -243,10 +325,10 @@ def tied_names(module: nn.Module) -> set[str]:
 
 
 @functools.cache
-def _cache_keyword(lm_class: type) -> str:
+def _cache_keyword(model_class: type) -> str:
     # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name is deprecated).
     # Looked up once per LM class: decoding builds rows for every batch.
-    return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def cache_inputs(lm: PreTrainedModel, cache: DynamicCache | EncoderDecoderCache | None) -> dict[str, Any]:
@@ -259,6 +341,7 @@ def new_cache(lm: PreTrainedModel) -> DynamicCache | EncoderDecoderCache:
     self_attention = DynamicCache(config=lm.config)
     if not has_cross_attention(lm):
         return self_attention
-    # The cross-attention half is filled by the first pass and only read after: its keys and values
-    # are computed once per image, and beam search repeats them per beam.
+    # The cross-attention half (GPT-2's added layers', or an encoder-decoder's decoder's) is filled by the
+    # first pass and only read after: its keys and values are computed once per image, and beam search
+    # repeats them per beam.
     return EncoderDecoderCache(self_attention, DynamicCache(config=lm.config))

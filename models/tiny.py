@@ -12,6 +12,7 @@ from tokenizers import ByteLevelBPETokenizer, Tokenizer, models, pre_tokenizers,
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     CLIPConfig,
     CLIPModel,
     CLIPTokenizer,
@@ -26,6 +27,7 @@ from transformers import (
 )
 
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's EOS, also its BOS and our padding; CLIP's EOS
+PAD = "<pad>"  # the tiny encoder-decoders' padding (T5's decoder start), distinct from EOS as in T5 and BART
 START_OF_TEXT = "<|startoftext|>"  # CLIP's BOS
 
 
@@ -232,5 +234,33 @@ def save_tiny_causal_lm(directory: str | os.PathLike, family: str, texts: Iterab
     config = AutoConfig.for_model(family, vocab_size=len(tokenizer), **ids, **TINY_LM_SIZES[family])
     directory = Path(directory)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# Each encoder-decoder family's config keys for a tiny size: width 64, 2 encoder and 2 decoder blocks, 4 heads.
+TINY_SEQ2SEQ_SIZES = {
+    "t5": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
+           "relative_attention_num_buckets": 8, "relative_attention_max_distance": 32},
+    "bart": {"d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+             "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+             "max_position_embeddings": 128, "forced_eos_token_id": None},
+}  # fmt: skip
+
+
+def save_tiny_seq2seq_lm(directory: str | os.PathLike, family: str, texts: Iterable[str], seed: int = 0) -> Path:
+    """A tiny encoder-decoder LM of `family` (a TINY_SEQ2SEQ_SIZES key) with random weights and the byte-level
+    tokenizer trained on `texts` plus a pad token, saved together as a hub model is. Its special ids are set
+    as the family's are: T5's decoder starts from its pad token, BART's from its EOS."""
+    tokenizer = train_tokenizer(texts)
+    tokenizer.add_special_tokens({"pad_token": PAD})
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = {"eos_token_id": eos, "pad_token_id": pad, "decoder_start_token_id": pad if family == "t5" else eos}
+    if family == "bart":
+        ids["bos_token_id"] = eos
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), **ids, **TINY_SEQ2SEQ_SIZES[family])
+    directory = Path(directory)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

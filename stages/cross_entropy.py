@@ -33,8 +33,8 @@ def caption_dataset(
     context: DistributedContext,
 ) -> CaptionDataset:
     """A feature file's captions, tokenized through the cache and cut to what the LM's positions leave after
-    the prefix (training and validation alike)."""
-    prefix_length = model.config.prefix_length
+    the prefix (an encoder-decoder's decoder start; training and validation alike)."""
+    prefix_length = model.positions_before_caption
     positions = context_length(model.gpt)
     if positions is not None and positions <= prefix_length:
         raise InputError(f"--prefix_length {prefix_length} leaves no room in the LM's {positions} positions")

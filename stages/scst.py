@@ -196,10 +196,10 @@ class Scst:
                 f"--init_from {self.options.init_from}: its whole LM is {config.lm_dtype}, where SCST's updates "
                 "would round away; start from the LoRA or --only_prefix checkpoint it was exported from"
             )
-        positions = context_length(self.initial.gpt)
-        if positions is not None and config.prefix_length + self.options.max_length > positions:
+        positions, lead = context_length(self.initial.gpt), self.initial.positions_before_caption
+        if positions is not None and lead + self.options.max_length > positions:
             raise InputError(
-                f"--max_length {self.options.max_length}: prefix ({config.prefix_length}) plus caption exceeds "
+                f"--max_length {self.options.max_length}: prefix ({lead}) plus caption exceeds "
                 f"the LM's {positions} positions"
             )
         if config.feature_dim != train_file.feature_dim:

@@ -357,7 +357,7 @@ class Trainer:
         """Greedy-decode the validation images, score CIDEr and BLEU-4, keep `{prefix}_best.pt` (main process only)."""
         positions = context_length(self.model.gpt) or 10**9
         # Decoding's default caption length (ClipCap's 67), within what the LM's positions leave.
-        max_length = min(DecodingOptions.max_length, positions - self.config.prefix_length)
+        max_length = min(DecodingOptions.max_length, positions - self.model.positions_before_caption)
         from stages.evaluate import score_captioner  # late, as require_java above
 
         scores, predictions = score_captioner(

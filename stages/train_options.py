@@ -71,8 +71,8 @@ class TrainingOptions(TrackingOptions):
     )
     mapping_type: str = option(
         "mlp",
-        "mapper architecture; xattn: GPT-2 gains cross-attention layers over a projection of patch-token features "
-        "(--feature_type patch_tokens at extraction), with no prefix",
+        "mapper architecture; xattn: GPT-2 gains cross-attention layers (an encoder-decoder's decoder uses its own) "
+        "over a projection of patch-token features (--feature_type patch_tokens at extraction), with no prefix",
         choices=sorted(MAPPERS),
         group="clipcap",
         usage=("model",),
@@ -105,8 +105,9 @@ class TrainingOptions(TrackingOptions):
     lm: str = option(
         "gpt2",
         "the language model: a transformers id of a causal LM (gpt2 ... gpt2-xl, EleutherAI/pythia-160m, "
-        "facebook/opt-125m, HuggingFaceTB/SmolLM2-135M, Qwen/Qwen2.5-0.5B, ...) or a local directory; --gpt2 is "
-        "ClipCap's name for it",
+        "facebook/opt-125m, HuggingFaceTB/SmolLM2-135M, Qwen/Qwen2.5-0.5B, ...), of an encoder-decoder (t5-small, "
+        "google/flan-t5-base, bigscience/T0_3B, facebook/bart-base), or a local directory; --gpt2 is ClipCap's name "
+        "for it",
         aliases=("gpt2",),
         group="ours",
         usage=("model",),
@@ -150,6 +151,13 @@ class TrainingOptions(TrackingOptions):
         "recompute the LM's activations in the backward pass instead of storing them: less memory, about a "
         "third more compute",
         group="ours",
+    )
+    prompt: str | None = option(
+        None,
+        'an encoder-decoder LM (T5, BART): text its encoder reads after the prefix, e.g. "a picture of"; recorded '
+        "in the model config, so decoding uses it too",
+        group="ours",
+        usage=("model", "prefix_mapper"),
     )
     lr: float = option(2e-5, "peak AdamW learning rate", positive=True, group="ours")
     warmup_steps: int | None = option(
@@ -298,6 +306,7 @@ def captioner_config(options: TrainingOptions, features: FeatureFile) -> Caption
         lm_in_checkpoint=not (options.only_prefix or options.lora_r),
         lm_dtype=options.lm_dtype,
         lora=lora_spec(options, lm_name) if options.lora_r else None,
+        prompt=options.prompt,
         encoder=encoder,
     )
 

@@ -41,6 +41,7 @@ ARCHITECTURE_FIELDS = (
     "lm_name",
     "lm_dtype",
     "lora",
+    "prompt",
 )
 
 
