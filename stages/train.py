@@ -1,6 +1,6 @@
-"""Stage 2's loop: the Trainer runs a training run whatever it optimizes (device, precision, DDP or
-FSDP, the schedule, clipping, checkpoints and exact resume, evaluation, W&B, the run's lock). What one step means
-is the run's objective (stages/objectives.py: cross-entropy, SCST), a value the Trainer holds, not a
+"""Stage 2's loop: the Trainer runs a training run whatever it optimizes (device, precision, DDP or FSDP,
+the schedule, clipping, checkpoints and exact resume, evaluation, W&B, the run's lock). What one step
+means is the run's objective (stages/objectives.py: cross-entropy, SCST), a value the Trainer holds, not a
 subclass of it. One step, as `Trainer.train_step` runs it:
 
     loss, figures = objective.loss(network, batch)      # the objective's loss and the figures to log
