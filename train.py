@@ -4,6 +4,7 @@ GPT-2 that cross-attends to patch tokens (--mapping_type xattn).
 python train.py --data features_train.pkl --out_dir runs/coco --prefix coco_prefix
 python train.py --data patch_tokens_train --mapping_type xattn --only_prefix --out_dir runs/xattn --prefix xattn
 torchrun --nproc_per_node 4 train.py --data ... --bs 40          # DistributedDataParallel
+torchrun --nproc_per_node 8 train.py --fsdp --lm Qwen/Qwen2.5-7B --data ... --bs 8   # FSDP2: a sharded LM
 python train.py --scst --init_from runs/coco/coco_prefix_best.pt --data features_train.pkl \
     --out_dir runs/coco_scst --prefix coco_scst --reward cider --lr 1e-5 --bs 50   # SCST (Stage 2b)
 """

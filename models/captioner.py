@@ -220,10 +220,10 @@ class ClipCaptionModel(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         return CaptionerOutput(logits=logits, loss=loss)
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights a checkpoint stores: the mapper, any cross-attention layers and LoRA adapters, plus
-        the whole LM unless it is frozen."""
-        state = self.state_dict()
+    def trainable_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint stores: the mapper, any cross-attention layers and LoRA adapters, plus the
+        whole LM unless it is frozen; of `state` where given (a sharded model's, gathered), else of state_dict()."""
+        state = self.state_dict() if state is None else state
         if self.config.lm_in_checkpoint:
             return state
         return {

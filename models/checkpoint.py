@@ -65,14 +65,20 @@ def build_captioner(config: CaptionerConfig, lm: PreTrainedModel | None = None) 
     return ClipCaptionModel(config, lm)
 
 
-def checkpoint_payload(model: ClipCaptionModel, **extra: Any) -> dict[str, Any]:
-    """The dict a checkpoint holds: config, weights (ClipCap's key names) and any extra state."""
-    return {"config": model.config.to_dict(), "model": model.trainable_state_dict(), **extra}
+def checkpoint_payload(
+    model: ClipCaptionModel, state: dict[str, torch.Tensor] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """The dict a checkpoint holds: config, weights (ClipCap's key names; of `state` where given, a sharded
+    model's gathered state dict) and any extra state."""
+    return {"config": model.config.to_dict(), "model": model.trainable_state_dict(state), **extra}
 
 
-def save_checkpoint(path: str | os.PathLike, model: ClipCaptionModel, **extra: Any) -> None:
-    """Save atomically; `extra` carries optimizer, scheduler, step and RNG state for resuming."""
-    torch_save_atomic(checkpoint_payload(model, **extra), path)
+def save_checkpoint(
+    path: str | os.PathLike, model: ClipCaptionModel, state: dict[str, torch.Tensor] | None = None, **extra: Any
+) -> None:
+    """Save atomically; `state` as in checkpoint_payload; `extra` carries optimizer, scheduler, step and RNG
+    state for resuming."""
+    torch_save_atomic(checkpoint_payload(model, state, **extra), path)
 
 
 def save_config_json(path: str | os.PathLike, config: CaptionerConfig) -> None:

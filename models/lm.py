@@ -345,3 +345,12 @@ def new_cache(lm: PreTrainedModel) -> DynamicCache | EncoderDecoderCache:
     # first pass and only read after: its keys and values are computed once per image, and beam search
     # repeats them per beam.
     return EncoderDecoderCache(self_attention, DynamicCache(config=lm.config))
+
+
+def lm_blocks(lm: PreTrainedModel) -> nn.ModuleList:
+    """The LM's stack of transformer blocks (GPT-2's `transformer.h`, Llama's `model.layers`, OPT's
+    `model.decoder.layers`, ...): its ModuleList holding the most parameters, the unit --fsdp shards."""
+    stacks = [module for module in lm.modules() if isinstance(module, nn.ModuleList)]
+    if not stacks:
+        raise InputError(f"language model {lm.config.model_type!r} has no list of blocks to shard with --fsdp")
+    return max(stacks, key=lambda stack: sum(parameter.numel() for parameter in stack.parameters()))

@@ -1,4 +1,5 @@
-"""torchrun's process group: this process's rank, joining the group and leaving it."""
+"""torchrun's process group: this process's rank, joining the group and leaving it, and --fsdp's sharding
+of the model (FSDP2) with the whole state dicts that checkpoints hold."""
 
 import os
 from dataclasses import dataclass
@@ -7,6 +8,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from data.errors import InputError
 from models.device import resolve_device
@@ -15,6 +26,10 @@ TIMEOUT_ENV = "CLIPCAP_PG_TIMEOUT_S"  # seconds a collective may wait (torch's d
 # How long the other ranks wait while the main process alone works (validation captions scored by
 # Java): far longer than a collective should wait, so it has a group of its own.
 MAIN_WORK_TIMEOUT = timedelta(hours=6)
+# A sharded model's state gathered whole, on rank 0's CPU only (the others get empty dicts): what is saved.
+GATHERED_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# A whole state that every rank holds (each read the checkpoint), each rank keeping its shard of it.
+WHOLE_ON_EVERY_RANK = StateDictOptions(full_state_dict=True)
 
 
 @dataclass(frozen=True)
@@ -96,3 +111,32 @@ def close_distributed() -> None:
     """Leave the process group, if any."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_model(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """FSDP2: each block's parameters sharded over the ranks (gathered for its forward and backward only), then
+    the rest (embeddings, head, mapper: the root's); the shards move to `device`. Tied weights stay tied."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded parameter; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def gathered_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state dict on rank 0's CPU, empty elsewhere (a collective: all ranks call it)."""
+    return get_model_state_dict(model, options=GATHERED_ON_MAIN)
+
+
+def gathered_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's whole state, keyed by parameter name, on rank 0's CPU (a collective, as above)."""
+    return get_optimizer_state_dict(model, optimizer, options=GATHERED_ON_MAIN)
+
+
+def load_sharded_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Put back a gathered optimizer state (every rank holds it whole), each rank taking its shard."""
+    set_optimizer_state_dict(model, optimizer, state, options=WHOLE_ON_EVERY_RANK)

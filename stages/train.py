@@ -1,6 +1,6 @@
-"""Stage 2's loop: the Trainer runs a training run whatever it optimizes (device, precision, DDP, the
-schedule, clipping, checkpoints and exact resume, evaluation, W&B, the run's lock). What one step means
-is the run's objective (stages/objectives.py: cross-entropy, SCST), a value the Trainer holds, not a
+"""Stage 2's loop: the Trainer runs a training run whatever it optimizes (device, precision, DDP or FSDP,
+the schedule, clipping, checkpoints and exact resume, evaluation, W&B, the run's lock). What one step
+means is the run's objective (stages/objectives.py: cross-entropy, SCST), a value the Trainer holds, not a
 subclass of it. One step, as `Trainer.train_step` runs it:
 
     loss, figures = objective.loss(network, batch)      # the objective's loss and the figures to log
@@ -9,6 +9,7 @@ subclass of it. One step, as `Trainer.train_step` runs it:
     scaler.step(optimizer); scaler.update(); scheduler.step(); optimizer.zero_grad()
 """
 
+import functools
 import json
 import math
 import time
@@ -30,13 +31,19 @@ from models.captioner import ClipCaptionModel
 from models.checkpoint import load_state_into, save_checkpoint, save_config_json
 from models.decoding import DecodingOptions
 from models.device import resolve_precision
-from models.lm import context_length, enable_gradient_checkpointing, load_tokenizer
+from models.lm import context_length, enable_gradient_checkpointing, is_encoder_decoder, lm_blocks, load_tokenizer
 from stages.cross_entropy import caption_dataset, compute_loss
 from stages.distributed import (
     DistributedContext,
     close_distributed,
+    gather_counts,
+    gathered_model_state,
+    gathered_optimizer_state,
     init_distributed,
+    load_sharded_optimizer_state,
+    local_part,
     main_work_group,
+    shard_model,
     wait_for_main,
 )
 from stages.export import check_training_export, export_trained
@@ -95,8 +102,9 @@ class Trainer:
     def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device):
         self.options, self.context, self.device = options, context, device
         self.precision = resolve_precision(options.precision, device)
+        self._check_sharding()
         self.objective = OBJECTIVES[options.objective](options, context, device, self.precision)
-        self.runtime = runtime_record(device, self.precision)
+        self.runtime = runtime_record(device, self.precision, options.fsdp)
         self.files = RunFiles(Path(options.out_dir), options.prefix)
         inputs = {"--data": options.data, "--val_data": options.val_data, "--init_from": options.init_from}
         self.files.check_apart_from(inputs, options.epochs)
@@ -118,7 +126,9 @@ class Trainer:
         self.train_set, self.train_collate = self.objective.training_data(train_file, self.tokenizer, self.model)
         self.val_file = self._validation_file()
         self.val_set = self._val_set(self.val_file) if self.val_file is not None else None
-        self.model.to(device)
+        if checkpoint is not None:  # the whole weights, before they are sharded: every rank has read the file
+            load_state_into(self.model, checkpoint["model"], str(source))
+        self._place_model()
         self.trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=options.lr, weight_decay=options.weight_decay, eps=ADAM_EPS
@@ -136,8 +146,34 @@ class Trainer:
             torch.manual_seed(options.seed + context.rank)  # dropout differs between ranks
         self.main_work = main_work_group(context)  # the other ranks wait there while rank 0 scores and saves
         device_ids = [device.index] if device.type == "cuda" else None
-        self.network = DistributedDataParallel(self.model, device_ids=device_ids) if context.enabled else self.model
+        replicated = context.enabled and not options.fsdp
+        self.network = DistributedDataParallel(self.model, device_ids=device_ids) if replicated else self.model
         self._tidy_run_files(resumed=checkpoint is not None)
+
+    def _check_sharding(self) -> None:
+        """--fsdp needs ranks to shard over, and a precision without fp16's loss scaler (whose skipped steps
+        would be decided by each rank's gradient shards alone)."""
+        if not self.options.fsdp:
+            return
+        if not self.context.enabled:
+            raise InputError(
+                "--fsdp shards the model over torchrun's processes: launch 2 or more (torchrun --nproc_per_node N "
+                "train.py ...), or train without --fsdp"
+            )
+        if self.precision == "fp16":
+            raise InputError(
+                "--fsdp does not train in fp16 (its loss scaler is per rank); use --precision bf16 or fp32"
+            )
+
+    def _place_model(self) -> None:
+        """The model on the device: whole on every rank, or with --fsdp sharded over the ranks (the LM's
+        blocks one by one, then the rest)."""
+        if self.options.fsdp:
+            if is_encoder_decoder(self.model.gpt):  # its encoder's and decoder's blocks: not yet tested sharded
+                raise InputError("--fsdp shards causal LMs; an encoder-decoder LM (T5, BART) trains under plain torchrun")
+            shard_model(self.model, lm_blocks(self.model.gpt), self.device)
+        else:
+            self.model.to(self.device)
 
     def identity(self) -> dict:
         """The options that decide the run's weights (the Trainer's and its objective's): --resume keeps them."""
@@ -200,12 +236,16 @@ class Trainer:
         return caption_dataset(val_file, self.tokenizer, self.model, self.options.cache_dir, self.context)
 
     def _restore(self, checkpoint: dict, source: Path) -> None:
-        """Continue the saved run: weights, optimizer, schedule, loss scale, position and RNG."""
+        """Continue the saved run (its weights are already in): optimizer, schedule, loss scale, position and RNG."""
         saved = RunPosition.from_dict(checkpoint["position"], source)
         if saved.data != self.position.data:
             raise InputError(f"--resume {source}: --data is not the feature file the saved run trained on")
-        load_state_into(self.model, checkpoint["model"], str(source))
-        restore_training_state(checkpoint, source, self.optimizer, self.scheduler, self.scaler, self.device, self.context)
+        load_optimizer = (
+            functools.partial(load_sharded_optimizer_state, self.model, self.optimizer) if self.options.fsdp else None
+        )
+        restore_training_state(
+            checkpoint, source, self.optimizer, self.scheduler, self.scaler, self.device, self.context, load_optimizer
+        )
         check_counters(saved, source, self.options.epochs, self.steps_per_epoch)
         self.position = saved
         self.last_saved = source
@@ -310,7 +350,10 @@ class Trainer:
 
     def check_finite_weights(self) -> None:
         """Before any save: non-finite weights (an overflowing step) must not replace the last good checkpoint."""
-        if bool(torch.stack([parameter.isfinite().all() for parameter in self.trainable]).all()):
+        finite = bool(torch.stack([local_part(parameter).isfinite().all() for parameter in self.trainable]).all())
+        if self.options.fsdp:  # each rank sees its shards: all stop or none (one alone would leave the rest waiting)
+            finite = all(gather_counts(int(finite), self.context, self.device))
+        if finite:
             return
         raise InputError(
             f"the weights are not finite after step {self.position.step}; training stopped without saving "
@@ -343,12 +386,10 @@ class Trainer:
             self.log.write(step=self.position.step, epoch=epoch, **record)
             if self.context.is_main:
                 tqdm.write(f"epoch {epoch}: " + ", ".join(f"{name} {value:.4f}" for name, value in record.items()))
-        if self.context.is_main and (epoch % self.options.save_every == 0 or last):
+        if epoch % self.options.save_every == 0 or last:
             # ClipCap's numbering: epochs count from 0, and the last one is always saved.
             # A scored epoch keeps its scores, as `_best.pt` does (an export's model card shows them).
-            save_checkpoint(
-                self.files.epoch_checkpoint(epoch), self.model, epoch=epoch, **({"scores": scores} if scores else {})
-            )
+            self.save(self.files.epoch_checkpoint(epoch), epoch=epoch, **({"scores": scores} if scores else {}))
         # Scoring and saving above can outlast a collective's timeout; the next collective is save_latest's.
         wait_for_main(self.main_work)
         self.save_latest()
@@ -374,7 +415,7 @@ class Trainer:
         best = self.position.best.get("CIDEr")
         if best is None or scores["CIDEr"] > best:
             self.position.best["CIDEr"] = scores["CIDEr"]
-            save_checkpoint(self.files.best, self.model, epoch=epoch, scores=scores)
+            self.save(self.files.best, epoch=epoch, scores=scores)
         return scores
 
     def keep_best_loss(self, epoch: int, val_loss: float) -> None:
@@ -384,8 +425,7 @@ class Trainer:
         if not math.isfinite(val_loss) or (best is not None and val_loss >= best):
             return
         self.position.best["val_loss"] = val_loss
-        if self.context.is_main:
-            save_checkpoint(self.files.best_loss, self.model, epoch=epoch, scores={"val_loss": val_loss})
+        self.save(self.files.best_loss, epoch=epoch, scores={"val_loss": val_loss})
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -399,20 +439,35 @@ class Trainer:
             loss = compute_loss(self.model, batch, self.device, self.precision)
             tokens = batch.attention_mask.sum()
             totals += torch.stack((loss.double() * tokens, tokens.double()))
+        if self.options.fsdp:
+            # A sharded forward is a collective: a rank with fewer batches runs uncounted ones until all have run
+            # as many (the shares differ by a caption when the ranks do not divide the captions).
+            batches = math.ceil(len(indices) / self.options.batch_size)
+            most = math.ceil(math.ceil(len(self.val_set) / self.context.world_size) / self.options.batch_size)
+            spare = collate([self.val_set[0]]).to(self.device)
+            for _ in range(most - batches):
+                compute_loss(self.model, spare, self.device, self.precision)
         if self.context.enabled:
             dist.all_reduce(totals)
         self.model.train()
         return (totals[0] / totals[1]).item()
 
+    def save(self, path: Path, **extra) -> None:
+        """A checkpoint of the whole model (and `extra`), written by rank 0; with --fsdp all ranks call it (the
+        weights are gathered from their shards), else rank 0 alone may."""
+        state = gathered_model_state(self.model) if self.options.fsdp else None
+        if self.context.is_main:
+            save_checkpoint(path, self.model, state, **extra)
+
     def save_latest(self) -> None:
-        """`{prefix}_latest.pt`: weights plus everything `--resume` needs (all ranks call it)."""
+        """`{prefix}_latest.pt`: weights plus everything `--resume` needs (all ranks call it). With --fsdp the
+        optimizer's state is keyed by parameter name (torch.distributed.checkpoint's layout), else by index."""
         rng = gather_rng_states(self.device, self.context)
-        if not self.context.is_main:
-            return
-        save_checkpoint(
+        fsdp = self.options.fsdp
+        optimizer = gathered_optimizer_state(self.model, self.optimizer) if fsdp else self.optimizer.state_dict()
+        self.save(
             self.files.latest,
-            self.model,
-            optimizer=self.optimizer.state_dict(),
+            optimizer=optimizer,
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(),
             position=self.position.to_dict(),

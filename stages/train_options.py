@@ -27,6 +27,7 @@ USAGE_RULES = (
     UsageRule("scst", lambda options: not options.scst, "{flags}: only with --scst"),
     UsageRule("prefix_mapper", lambda options: options.mapping_type == "xattn", "{flags}: --mapping_type xattn has no prefix mapper"),
     UsageRule("lora", lambda options: options.lora_r == 0, "{flags}: only with --lora_r (LoRA adapters)"),
+    UsageRule("fsdp", lambda options: options.fsdp, "{flags}: not with --fsdp, which shards a cross-entropy fine-tune of the whole LM (--only_prefix: nothing to shard, train under plain torchrun; decoding, as --scst and --eval_every do, is not sharded)"),
 )  # fmt: skip
 
 
@@ -67,7 +68,7 @@ class TrainingOptions(TrackingOptions):
         "train the mapper only (xattn: and the new cross-attention layers); the LM stays frozen and out of "
         "checkpoints",
         group="clipcap",
-        usage=("model",),
+        usage=("model", "fsdp"),
     )
     mapping_type: str = option(
         "mlp",
@@ -118,7 +119,7 @@ class TrainingOptions(TrackingOptions):
         "weights stay frozen and out of checkpoints (0: no LoRA)",
         minimum=0,
         group="ours",
-        usage=("model",),
+        usage=("model", "fsdp"),
     )
     lora_alpha: float | None = option(
         None,
@@ -182,6 +183,7 @@ class TrainingOptions(TrackingOptions):
         "(0: off)",
         minimum=0,
         group="ours",
+        usage=("fsdp",),
     )
     precision: str = option("auto", PRECISION_HELP, choices=["auto", *PRECISIONS], group="ours")
     device: str = option("auto", DEVICE_HELP, group="ours")
@@ -210,6 +212,13 @@ class TrainingOptions(TrackingOptions):
         minimum=1,
         group="ours",
     )
+    fsdp: bool = option(
+        False,
+        "under torchrun (2 or more processes), shard the LM's blocks, the rest of the model, their gradients and "
+        "AdamW's state over the processes (FSDP2), for LMs whose full fine-tune does not fit one GPU under DDP; "
+        "checkpoints hold the whole weights as without it",
+        group="ours",
+    )
     export_hf: str | None = option(
         None,
         "after training, export the final epoch's checkpoint to this directory as export.py does (checked at "
@@ -220,7 +229,9 @@ class TrainingOptions(TrackingOptions):
     push_to_hub: str | None = option(
         None, "with --export_hf: then upload the export to this hub model repository", metavar="REPO_ID", group="ours"
     )
-    scst: bool = option(False, "fine-tune --init_from by SCST instead of cross-entropy", group="scst")
+    scst: bool = option(
+        False, "fine-tune --init_from by SCST instead of cross-entropy", group="scst", usage=("fsdp",)
+    )
     init_from: str | None = option(
         None,
         "the train.py checkpoint (or export.py directory) to start from: its config decides the model",

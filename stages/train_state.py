@@ -5,7 +5,7 @@ import fcntl
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -243,11 +243,13 @@ def restore_training_state(
     scaler: torch.amp.GradScaler,
     device: torch.device,
     context: DistributedContext,
+    load_optimizer: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
     """Put back the optimizer, schedule, loss scale and this rank's RNG state of a `_latest.pt`; a tampered
-    entry is one line (each loader raises its own type at one)."""
+    entry is one line (each loader raises its own type at one). `load_optimizer` takes the optimizer's state
+    where optimizer.load_state_dict does not (--fsdp: each rank its shard of a state keyed by name)."""
     try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        (load_optimizer or optimizer.load_state_dict)(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
@@ -295,9 +297,10 @@ def check_same_run(checkpoint: dict[str, Any], source: Path, config: CaptionerCo
             )
 
 
-def runtime_record(device: torch.device, precision: str) -> dict[str, str]:
-    """What the run resolved `--device` and `--precision` to: a resumed run must compute the same way."""
-    return {"device_type": device.type, "precision": precision}
+def runtime_record(device: torch.device, precision: str, fsdp: bool = False) -> dict[str, Any]:
+    """What the run resolved `--device` and `--precision` to, and whether it sharded (--fsdp, recorded only
+    then, as runs saved before it): a resumed run must compute the same way."""
+    return {"device_type": device.type, "precision": precision, **({"fsdp": True} if fsdp else {})}
 
 
 def check_same_runtime(checkpoint: dict[str, Any], source: Path, runtime: dict[str, str]) -> None:
@@ -306,6 +309,12 @@ def check_same_runtime(checkpoint: dict[str, Any], source: Path, runtime: dict[s
     saved = checkpoint.get("runtime")
     if saved is None:  # saved before the runtime was recorded: nothing to compare with
         return
+    if saved.get("fsdp", False) != runtime.get("fsdp", False):  # the optimizer's state is laid out otherwise
+        sharded = saved.get("fsdp", False)
+        raise InputError(
+            f"--resume {source}: the saved run {'sharded' if sharded else 'did not shard'} the model with --fsdp; "
+            f"resume it {'with' if sharded else 'without'} --fsdp"
+        )
     if saved != runtime:
         raise InputError(
             f"--resume {source}: the saved run computed on {saved['device_type']} in {saved['precision']}, this "
