@@ -81,6 +81,8 @@ LORA_TARGETS = {
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "phi": ("q_proj", "k_proj", "v_proj", "self_attn.dense"),
+    "t5": ("q", "k", "v", "o"),  # self- and cross-attention alike (the feed-forward's are wi, wo)
+    "bart": ("q_proj", "k_proj", "v_proj", "out_proj"),
 }
 # Families whose projections are transformers' Conv1D, which stores its weight (in, out): LoRA must know.
 CONV1D_FAMILIES = ("gpt2",)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import BertConfig, BertModel
 
 import train
@@ -14,7 +15,8 @@ from data.errors import InputError
 from models.checkpoint import build_captioner, load_checkpoint
 from models.config import CaptionerConfig
 from models.decoding import DecodingOptions, decode
-from models.lm import load_lm, load_tokenizer
+from models.lm import load_lm, load_tokenizer, lora_targets
+from models.lora import add_adapters, merge_adapters
 from models.tiny import ADDS_BOS, FAMILY_SPECIAL_TOKENS, TINY_LM_SIZES, save_tiny_causal_lm
 from tests.conftest import TOKENIZER_TEXTS
 from tests.test_training import CAPTIONS, FEATURE_DIM, read_log, train_args, write_features
@@ -142,3 +144,31 @@ def test_an_unknown_lm_is_one_line(tmp_path):
         load_lm("no-such-org/no-such-lm")
     with pytest.raises(InputError, match="cannot load language model"):
         load_lm(str(tmp_path))  # a directory without a config.json
+
+
+def check_lora_defaults_adapt_the_attention_and_merge_back(lm_dir, features) -> None:
+    """The family's default LoRA targets (models/lm.py) exist, are attention projections, and an export's
+    merge of the adapters computes what the adapted LM does. Shared with tests/test_seq2seq_lm.py."""
+    lm = load_lm(str(lm_dir))
+    targets = lora_targets(lm.config.model_type, str(lm_dir))
+    adapted = add_adapters(lm, {"r": 2, "alpha": 4, "dropout": 0.0, "targets": targets}, str(lm_dir))
+    wrapped = [name for name, module in adapted.named_modules() if isinstance(module, BaseTunerLayer)]
+    assert wrapped and all("attn" in name.lower() or "attention" in name.lower() for name in wrapped), wrapped
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(std=0.5)  # B starts at zero: make the adapters change what the LM computes
+    config = CaptionerConfig(feature_dim=FEATURE_DIM, prefix_length=4, mapping_type="mlp", lm_name=str(lm_dir))
+    model = build_captioner(config, adapted).eval()
+    tokens = torch.randint(0, 100, (features.shape[0], 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(features, tokens, torch.ones_like(tokens), compute_loss=False).logits
+        merge_adapters(model.gpt)
+        assert not any(isinstance(module, BaseTunerLayer) for module in model.gpt.modules())
+        after = model(features, tokens, torch.ones_like(tokens), compute_loss=False).logits
+    assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_lora_defaults_adapt_the_attention_and_merge_back(lm_dir, features):
+    check_lora_defaults_adapt_the_attention_and_merge_back(lm_dir, features)

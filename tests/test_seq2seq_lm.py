@@ -19,8 +19,9 @@ from models.hf_export import load_captioner
 from models.lm import embed_tokens, is_cross_attention_weight, load_lm
 from models.tiny import TINY_SEQ2SEQ_SIZES, save_tiny_causal_lm, save_tiny_seq2seq_lm
 from tests.conftest import TOKENIZER_TEXTS
+from tests.test_lm_families import check_lora_defaults_adapt_the_attention_and_merge_back
 from tests.test_scst import scst_args
-from tests.test_training import CAPTIONS, read_log, train_args, write_features
+from tests.test_training import CAPTIONS, FEATURE_DIM, read_log, train_args, write_features
 from tests.test_xattn import write_patch_tokens, xattn_args
 
 MAX_LENGTH = 12
@@ -227,3 +228,8 @@ def test_a_checkpoint_declaring_more_decoder_blocks_than_it_holds_is_refused(tra
     torch.save(checkpoint, bloated)
     with pytest.raises(InputError, match="the LM config declares 42 blocks, the weights hold 4"):
         load_checkpoint(bloated)
+
+
+def test_lora_defaults_adapt_the_attention_and_merge_back(lm_dir):
+    features = torch.randn(3, FEATURE_DIM, generator=torch.Generator().manual_seed(1))
+    check_lora_defaults_adapt_the_attention_and_merge_back(lm_dir, features)
