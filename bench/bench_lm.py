@@ -9,6 +9,8 @@ not depend on them), all with GPT-2's 50257-token vocabulary: GPT-2 (GPT2Config(
 - LoRA against a full fine-tune of a 350M-class LM (GPT-2 medium's architecture): training samples/s, peak
   memory and the size of the checkpoint each writes (LoRA's holds the mapper and adapters only).
 
+`--architectures llama-1b --lm_dtype bf16` (Llama 3.2-1B's architecture) is the GPU check's 1B-class section.
+
 Each variant runs in a fresh process, so its peak memory (peak RSS on CPU, peak allocated on CUDA) is its own.
 
     python bench/bench_lm.py                        # CPU: several minutes
@@ -35,7 +37,7 @@ from data.captions import CaptionCollator  # noqa: E402
 from data.errors import exit_on_input_error  # noqa: E402
 from models.captioner import ClipCaptionModel  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
-from models.config import CaptionerConfig  # noqa: E402
+from models.config import LM_DTYPES, CaptionerConfig  # noqa: E402
 from models.decoding import DecodingOptions, decode  # noqa: E402
 from models.device import DEVICE_HELP, resolve_device  # noqa: E402
 from models.lm import lm_from_config, lora_targets  # noqa: E402
@@ -53,6 +55,11 @@ ARCHITECTURES = {
         bos_token_id=EOS, eos_token_id=EOS,
     ),
     "gpt2-medium": lambda: GPT2Config(n_embd=1024, n_layer=24, n_head=16),  # 355M: LoRA against a full fine-tune
+    "llama-1b": lambda: LlamaConfig(  # Llama 3.2-1B's architecture (1.24B), for the GPU check: bf16 and LoRA
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+        bos_token_id=EOS, eos_token_id=EOS,
+    ),
     "t5": lambda: T5Config(
         vocab_size=VOCABULARY, d_model=768, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=12,
         pad_token_id=EOS, eos_token_id=EOS, decoder_start_token_id=EOS,
@@ -73,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--lora_architecture", default="gpt2-medium", help="the LM that LoRA and a full fine-tune train")
     parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank (alpha 2r, its attention projections)")
+    parser.add_argument(
+        "--lm_dtype", default="fp32", choices=LM_DTYPES, help="the LM's weights for decoding and LoRA (full: fp32)"
+    )
     parser.add_argument("--batch_size", type=int, default=40, help="captions per training step (ClipCap's --bs)")
     parser.add_argument("--decode_batch", type=int, default=64, help="images decoded together")
     parser.add_argument("--beam_size", type=int, default=5, help="beams per image for the beam task")
@@ -86,12 +96,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_model(architecture: str, args: argparse.Namespace, fine_tune: str = "full") -> ClipCaptionModel:
+def build_model(
+    architecture: str, args: argparse.Namespace, fine_tune: str = "full", decoding: bool = False
+) -> ClipCaptionModel:
     """The MLP-prefix captioner over a randomly initialized LM of `architecture`, the whole LM training
-    (`full`) or frozen with LoRA adapters on its attention projections (`lora`)."""
+    (`full`) or frozen with LoRA adapters on its attention projections (`lora`); for decoding, in --lm_dtype."""
     torch.manual_seed(args.seed)
-    lm = lm_from_config(ARCHITECTURES[architecture]().to_dict(), f"bench architecture {architecture}")
-    config = CaptionerConfig(feature_dim=args.feature_dim, prefix_length=args.prefix_length)
+    dtype = "fp32" if fine_tune == "full" and not decoding else args.lm_dtype  # a full fine-tune needs fp32 weights
+    lm = lm_from_config(ARCHITECTURES[architecture]().to_dict(), f"bench architecture {architecture}", dtype)
+    config = CaptionerConfig(feature_dim=args.feature_dim, prefix_length=args.prefix_length, lm_dtype=dtype)
     if fine_tune == "full":
         return ClipCaptionModel(config, lm)
     targets = lora_targets(lm.config.model_type, architecture)
@@ -159,7 +172,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     architecture, task = args.variant.split(":")
     device = resolve_device(args.device)
     steps = args.steps or (20 if device.type == "cuda" else 2)
-    model = build_model(architecture, args, task if task in FINE_TUNES else "full").to(device)
+    fine_tune = task if task in FINE_TUNES else "full"
+    model = build_model(architecture, args, fine_tune, decoding=task in ("greedy", "beam")).to(device)
     figures = {"variant": args.variant, "lm_parameters": sum(parameter.numel() for parameter in model.gpt.parameters())}
     if task in ("train", *FINE_TUNES):
         figures["per_s"] = args.batch_size / time_training(model, args, device, steps)

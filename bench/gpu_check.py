@@ -1,6 +1,6 @@
 """Every GPU check in one call, for a lent CUDA machine: first the user's path through the real scripts
 (extraction, one epoch of training, captioning, evaluation), then the GPU tests, then extraction, training,
-decoding, alignment and cross-attention benchmarks (real-size models, random weights, ClipCap's procedures beside ours), each a
+decoding, alignment, cross-attention and 1B-LM benchmarks (real-size models, random weights, ClipCap's procedures beside ours), each a
 section run as its own process with a time limit.
 
 After every section the results so far go to gpu_check.json and gpu_check.md in --out_dir, so a run cut
@@ -31,8 +31,8 @@ GPU_TESTS = ["tests/test_extraction.py", "tests/test_training.py", "tests/test_d
 
 # Seconds each section may take: the full run stays within 7 minutes, --quick within 2.5.
 LIMITS = {
-    False: {"pipeline": 100, "tests": 75, "extraction": 45, "training": 45, "decoding": 25, "alignment": 25, "xattn": 35},
-    True: {"pipeline": 45, "tests": 35, "extraction": 10, "training": 10, "decoding": 8, "alignment": 8, "xattn": 16},
+    False: {"pipeline": 90, "tests": 70, "extraction": 40, "training": 40, "decoding": 25, "alignment": 20, "xattn": 30, "lm": 40},
+    True: {"pipeline": 40, "tests": 35, "extraction": 10, "training": 10, "decoding": 8, "alignment": 8, "xattn": 13, "lm": 8},
 }
 
 
@@ -84,6 +84,12 @@ def sections(quick: bool) -> list[tuple[str, list[str], int]]:
             [python, "bench/bench_xattn.py", "--device", "cuda", "--batch_size", "64", "--steps", steps],
             limit["xattn"],
         ),
+        (
+            "1B-class LM (Llama 3.2-1B architecture) in bf16 weights: LoRA train step, beam 5 at batch 64",
+            [python, "bench/bench_lm.py", "--device", "cuda", "--architectures", "llama-1b", "--tasks", "beam",
+             "--fine_tunes", "lora", "--lora_architecture", "llama-1b", "--lm_dtype", "bf16", "--steps", "3" if quick else "10"],
+            limit["lm"],
+        ),  # fmt: skip
     ]
 
 
