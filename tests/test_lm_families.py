@@ -1,24 +1,30 @@
 """The prefix captioner over causal LMs of every common family (tiny random configs with each family's special
-tokens, loaded by path): the caption layout is the same in training and decoding, train.py's loss falls, and
-decoding agrees with itself (cached, batched, beam 1) and with transformers' own `generate(inputs_embeds=...)`."""
+tokens, loaded by path): the caption layout is the same in training and decoding, train.py's loss falls, an
+SCST step runs and the export captions as its checkpoint; decoding agrees with itself (cached, batched, beam 1)
+and with transformers' own `generate(inputs_embeds=...)`; LoRA's default targets merge back exactly."""
 
 import json
+import math
 
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import BertConfig, BertModel
 
+import export
 import train
 from data.captions import tokenize_captions
 from data.errors import InputError
-from models.checkpoint import build_captioner, load_checkpoint
+from data.store import read_features
+from models.checkpoint import build_captioner, captioner_tokenizer, load_checkpoint
 from models.config import CaptionerConfig
-from models.decoding import DecodingOptions, decode
+from models.decoding import DecodingOptions, caption_features, decode
+from models.hf_export import load_captioner
 from models.lm import load_lm, load_tokenizer, lora_targets
 from models.lora import add_adapters, merge_adapters
 from models.tiny import ADDS_BOS, FAMILY_SPECIAL_TOKENS, TINY_LM_SIZES, save_tiny_causal_lm
 from tests.conftest import TOKENIZER_TEXTS
+from tests.test_scst import scst_args
 from tests.test_training import CAPTIONS, FEATURE_DIM, read_log, train_args, write_features
 
 NUM_IMAGES = 5
@@ -109,19 +115,46 @@ def test_decoding_scores_its_captions_as_training_does(captioner, features, cond
         assert teacher_forced.item() == pytest.approx(hypothesis.log_prob, abs=1e-4)
 
 
-def test_train_py_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, lm_dir):
-    data = write_features(tmp_path / "train.pkl", [[text] * 2 for text in CAPTIONS])
-    out_dir = tmp_path / "run"
-    args = train_args(data, out_dir, lm_dir, "--bs", "8", "--epochs", "6", "--save_every", "100", "--lr", "1e-2")
-    model = train.main(train.parse_args(args))
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, lm_dir):
+    """A train.py run on the family: its data (two different references per image, as SCST's CIDEr needs),
+    output directory and returned model."""
+    root = tmp_path_factory.mktemp("run")
+    references = [[text, CAPTIONS[(row + 1) % len(CAPTIONS)]] for row, text in enumerate(CAPTIONS)]
+    data = write_features(root / "train.pkl", references)
+    args = train_args(data, root / "run", lm_dir, "--bs", "8", "--epochs", "6", "--save_every", "100", "--lr", "1e-2")
+    return data, root / "run", train.main(train.parse_args(args))
+
+
+def test_train_py_lowers_the_loss_and_the_checkpoint_reloads(trained):
+    _, out_dir, model = trained
     losses = [record["loss"] for record in read_log(out_dir) if "loss" in record]
-    assert sum(losses[-2:]) / 2 < 0.5 * losses[0]
+    assert sum(losses[-2:]) / 2 < 0.7 * losses[0]
     loaded = load_checkpoint(out_dir / "coco_prefix_latest.pt")
     features = torch.randn(3, FEATURE_DIM, generator=torch.Generator().manual_seed(2))
     tokens = torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = model.eval()(features, tokens, torch.ones_like(tokens)).logits
         assert torch.equal(loaded(features, tokens, torch.ones_like(tokens)).logits, expected)
+
+
+def test_an_scst_step_runs_and_the_export_captions_as_the_checkpoint(trained, tmp_path):
+    data, out_dir, _ = trained
+    checkpoint = out_dir / "coco_prefix-005.pt"
+    model = train.main(train.parse_args(scst_args(data, checkpoint, tmp_path / "scst", "--epochs", "1")))
+    steps = [record for record in read_log(tmp_path / "scst", "scst") if "loss" in record]
+    assert steps and all(math.isfinite(record["loss"]) for record in steps)
+    before, after = load_checkpoint(checkpoint).state_dict(), model.state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    exported = tmp_path / "export"
+    export.main(export.parse_args([str(checkpoint), str(exported)]))
+    features = read_features(data).embeddings
+    options = DecodingOptions(method="beam", beam_size=3, max_length=MAX_LENGTH)
+    captions = [
+        caption_features(model, captioner_tokenizer(model), features, options)
+        for model in (load_captioner(checkpoint), load_captioner(exported))
+    ]
+    assert captions[1] == captions[0] and len({caption[0] for caption in captions[0]}) > 1
 
 
 def test_xattn_with_an_lm_without_cross_attention_is_one_line(tmp_path):
