@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data.errors import InputError
 from data.options import add_options, check_ranges, option, option_fields
 from models.captioner import ClipCaptionModel, Conditioning
 from models.device import autocast
-from models.lm import context_length, embed_tokens, lm_logits, new_cache
+from models.lm import context_length, embed_tokens, lm_logits, new_cache, select_cache_rows
 
 METHODS = ("greedy", "beam", "sample")
 
@@ -122,12 +122,8 @@ class LanguageModelRows:
             self.cross_states = self.cross_states[rows]
         if self.cache is None:
             self.sequence = self.sequence[rows]
-        elif isinstance(self.cache, EncoderDecoderCache) and same_images:
-            # Moving the cached cross-attention keys and values of every beam at every step would copy
-            # (rows x layers x patch tokens) of them a token, more than the step itself costs.
-            self.cache.self_attention_cache.batch_select_indices(rows)
         else:
-            self.cache.batch_select_indices(rows)
+            select_cache_rows(self.cache, rows, cross_attention_unchanged=same_images)
 
     def repeat(self, times: int) -> None:
         """Each row becomes `times` consecutive rows (one per beam, or per sampled caption)."""

@@ -356,3 +356,16 @@ def lm_blocks(lm: PreTrainedModel) -> nn.ModuleList:
     if not stacks:
         raise InputError(f"language model {lm.config.model_type!r} has no list of blocks to shard with --fsdp")
     return max(stacks, key=lambda stack: sum(parameter.numel() for parameter in stack.parameters()))
+
+
+def select_cache_rows(
+    cache: DynamicCache | EncoderDecoderCache, rows: torch.Tensor, cross_attention_unchanged: bool = False
+) -> None:
+    """Keep (and reorder to) `rows` of a decoding cache. `cross_attention_unchanged`: every row stays among
+    its image's rows, whose cross-attention keys and values are all the same, so only the self-attention
+    half moves; moving the rest for every beam at every step would copy (rows x layers x encoder positions)
+    of them a token, more than the step itself costs."""
+    if cross_attention_unchanged and isinstance(cache, EncoderDecoderCache):
+        cache.self_attention_cache.batch_select_indices(rows)
+    else:
+        cache.batch_select_indices(rows)
