@@ -4,8 +4,8 @@ not depend on them), all with GPT-2's 50257-token vocabulary: GPT-2 (GPT2Config(
 
 - train: a full fine-tune step of the MLP-prefix captioner at --batch_size captions (COCO-like lengths),
   samples/s and peak memory;
-- greedy and beam: captions/s decoding --decode_batch images (--max_length tokens each: random weights
-  rarely stop early, so every family decodes the same number of steps);
+- greedy and beam: captions/s decoding --decode_batch images, --max_length tokens each (the end token is
+  one no LM produces, so every family decodes the same number of steps);
 - LoRA against a full fine-tune of a 350M-class LM (GPT-2 medium's architecture): training samples/s, peak
   memory and the size of the checkpoint each writes (LoRA's holds the mapper and adapters only).
 
@@ -19,7 +19,6 @@ Each variant runs in a fresh process, so its peak memory (peak RSS on CPU, peak 
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as `python bench/bench_lm.py`
 
 from bench.bench_train import make_batches  # noqa: E402
-from bench.child import run_variant_process  # noqa: E402
+from bench.child import peak_mib, run_variant_process  # noqa: E402
 from data.captions import CaptionCollator  # noqa: E402
 from data.errors import exit_on_input_error  # noqa: E402
 from models.captioner import ClipCaptionModel  # noqa: E402
@@ -46,6 +45,7 @@ from stages.train import apply_gradients, compute_loss  # noqa: E402
 
 VOCABULARY = 50257  # GPT-2's, for every family: the LM head costs the same
 EOS = VOCABULARY - 1
+NEVER_PRODUCED = -1  # decoding's end token: every family decodes exactly --max_length steps
 # About 124M parameters each (the embedding matrix shared with the head).
 ARCHITECTURES = {
     "gpt2": lambda: GPT2Config(),
@@ -123,13 +123,6 @@ def checkpoint_mib(model: ClipCaptionModel) -> float:
         return path.stat().st_size / 2**20
 
 
-def peak_mib(device: torch.device) -> float:
-    """This process's peak memory so far: allocated on CUDA, resident on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def synchronized_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -163,7 +156,7 @@ def time_decoding(model: ClipCaptionModel, args: argparse.Namespace, device: tor
         for index in range(args.warmup + rounds):
             if index == args.warmup:
                 start = synchronized_time(device)
-            decode(model, model.condition(features), EOS, options)
+            decode(model, model.condition(features), NEVER_PRODUCED, options)
     return (synchronized_time(device) - start) / rounds
 
 

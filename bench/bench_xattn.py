@@ -14,7 +14,6 @@ so its peak memory is its own: on CUDA the peak allocated, on the CPU the peak r
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench_xattn.py`
 
 from bench.bench_train import caption_lengths  # noqa: E402
-from bench.child import run_variant_process  # noqa: E402
+from bench.child import peak_mib, run_variant_process  # noqa: E402
 from data.captions import CaptionCollator  # noqa: E402
 from data.errors import exit_on_input_error  # noqa: E402
 from models.captioner import ClipCaptionModel  # noqa: E402
@@ -71,12 +70,6 @@ def build_model(design: str, mode: str) -> ClipCaptionModel:
     if mode == "only_prefix":
         model.freeze_lm()
     return model
-
-
-def peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def synchronize(device: torch.device) -> None:

@@ -2,8 +2,11 @@
 memory running out) costs that variant alone."""
 
 import json
+import resource
 import subprocess
 import sys
+
+import torch
 
 
 def run_variant_process(script: str, variant: str) -> tuple[dict | None, str]:
@@ -14,3 +17,10 @@ def run_variant_process(script: str, variant: str) -> tuple[dict | None, str]:
     if result.returncode != 0:
         return None, (result.stderr.strip().splitlines() or ["(no message)"])[-1]
     return json.loads(result.stdout.strip().splitlines()[-1]), ""
+
+
+def peak_mib(device: torch.device) -> float:
+    """This process's peak memory so far: allocated on CUDA, resident on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
