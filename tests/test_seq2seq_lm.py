@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import evaluate
 import export
 import predict
 import train
@@ -19,6 +20,7 @@ from models.hf_export import load_captioner
 from models.lm import embed_tokens, is_cross_attention_weight, load_lm
 from models.tiny import TINY_SEQ2SEQ_SIZES, save_tiny_causal_lm, save_tiny_seq2seq_lm
 from tests.conftest import TOKENIZER_TEXTS
+from tests.test_evaluate import FAST_METRICS
 from tests.test_lm_families import check_lora_defaults_adapt_the_attention_and_merge_back
 from tests.test_scst import scst_args
 from tests.test_training import CAPTIONS, FEATURE_DIM, read_log, train_args, write_features
@@ -233,3 +235,17 @@ def test_a_checkpoint_declaring_more_decoder_blocks_than_it_holds_is_refused(tra
 def test_lora_defaults_adapt_the_attention_and_merge_back(lm_dir):
     features = torch.randn(3, FEATURE_DIM, generator=torch.Generator().manual_seed(1))
     check_lora_defaults_adapt_the_attention_and_merge_back(lm_dir, features)
+
+
+def test_evaluate_py_scores_seeded_sampled_captions(trained, data, tmp_path):
+    _, out_dir = trained
+    argv = [
+        "--checkpoint", str(out_dir / LAST), "--features", str(data), "--decode", "sample", "--seed", "3",
+        "--max_length", str(MAX_LENGTH), "--metrics", *FAST_METRICS, "--device", "cpu",
+    ]  # fmt: skip
+    report = evaluate.main(evaluate.parse_args(argv))
+    model = load_captioner(out_dir / LAST)
+    options = DecodingOptions(method="sample", seed=3, max_length=MAX_LENGTH)
+    sampled = caption_features(model, captioner_tokenizer(model), read_features(data).embeddings, options)
+    assert [image["caption"] for image in report["per_image"]] == [captions[0] for captions in sampled]
+    assert report["scores"]["CIDEr"] > 0
