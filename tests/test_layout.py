@@ -18,7 +18,7 @@ ALLOWED = {"data": {"data"}, "models": {"models", "data"}, "stages": {"stages", 
 
 
 def project_modules() -> dict[str, Path]:
-    """Every module of the project by dotted name: the packages' modules and the top-level scripts."""
+    """Every module of the project by dotted name: the packages' modules and the scripts (top level, tools/)."""
     modules = {name: REPO / f"{name}.py" for name in SCRIPTS}
     for folder in SCRIPT_FOLDERS:
         modules.update({f"{folder}.{path.stem}": path for path in sorted((REPO / folder).glob("*.py"))})
