@@ -26,6 +26,7 @@ from models.lm import (
     encode,
     encoder_own_parameters,
     has_cross_attention,
+    input_embedding_matrix,
     is_adapter_weight,
     is_cross_attention_weight,
     is_encoder_decoder,
@@ -138,7 +139,7 @@ class ClipCaptionModel(nn.Module):
     def _start_from_bos(self) -> None:
         # The caption starts where the LM starts a text: after GPT-2's BOS token, or T5's decoder start
         # (training then adapts it).
-        embeddings = self.gpt.get_input_embeddings().weight
+        embeddings = input_embedding_matrix(self.gpt)  # (V, E)
         bos = start_token_id(self.gpt)
         if bos is not None and 0 <= bos < embeddings.shape[0]:
             self.clip_project.start.copy_(embeddings[bos])

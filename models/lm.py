@@ -188,7 +188,12 @@ def embedding_width(lm: PreTrainedModel) -> int:
 
 def embedding_dtype(lm: PreTrainedModel) -> torch.dtype:
     """The dtype of the LM's input embeddings: what a prefix must be to join them."""
-    return lm.get_input_embeddings().weight.dtype
+    return input_embedding_matrix(lm).dtype
+
+
+def input_embedding_matrix(lm: PreTrainedModel) -> torch.Tensor:
+    """The LM's input embedding matrix (V, E): row v is token v's embedding."""
+    return lm.get_input_embeddings().weight
 
 
 def embed_tokens(lm: PreTrainedModel, tokens: torch.Tensor) -> torch.Tensor:

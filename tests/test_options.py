@@ -18,6 +18,7 @@ import train
 import train_clip
 from data.errors import InputError
 from data.options import UsageRule, build_parser, check_ranges, option, parse_options
+from tools import interpret_prefix, plot_run
 
 # Each script with the fewest arguments it parses.
 SCRIPTS = {
@@ -30,6 +31,8 @@ SCRIPTS = {
     "export.py": (export, ["checkpoint.pt", "out"]),
     "convert_features.py": (convert_features, ["in.pkl", "out"]),
     "demo.py": (demo, []),
+    "tools/interpret_prefix.py": (interpret_prefix, ["checkpoint.pt", "--features", "f.pkl"]),
+    "tools/plot_run.py": (plot_run, ["run", "--output", "run.png"]),
 }
 STATED_DEFAULT = re.compile(r"\(default:? ([^()]*?)\)")
 
