@@ -41,16 +41,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="pickle: one file, read whole; shards: a feature store, written shard by shard and memory-mapped when "
         "read (for corpora of millions of sentences) (default: %(default)s)",
     )
-    parser.add_argument(
-        "--feature_dtype", choices=tuple(FEATURE_DTYPES), help="the store's float type (default: fp32)"
-    )
+    parser.add_argument("--feature_dtype", choices=tuple(FEATURE_DTYPES), help="the store's float type (default: fp32)")
     parser.add_argument(
         "--max_caption_chars",
         type=int,
         default=MAX_CAPTION_CHARS,
         help="sentences longer than this are skipped and counted, as train.py drops them (default: %(default)s)",
     )
-    parser.add_argument("--batch_size", type=int, default=256, help="sentences per text-tower pass (default: %(default)s)")
+    parser.add_argument(
+        "--batch_size", type=int, default=256, help="sentences per text-tower pass (default: %(default)s)"
+    )
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)
     return parser.parse_args(argv)

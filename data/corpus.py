@@ -124,7 +124,9 @@ def read_corpus(
     else:
         raw = _read_lines(path)
     if split is not None and corpus_format != "annotations":
-        raise InputError(f"--split {split}: only a Karpathy annotation file has splits, --corpus {path} is {corpus_format}")
+        raise InputError(
+            f"--split {split}: only a Karpathy annotation file has splits, --corpus {path} is {corpus_format}"
+        )
     skipped: collections.Counter = collections.Counter()
     unique: dict[str, None] = {}
     for sentence in raw:

@@ -113,10 +113,11 @@ def run_corpus(args: argparse.Namespace) -> FeatureFile | None:
             features = None
         else:
             embeddings = embedder.embed(corpus.sentences)  # (N, D)
-            captions = [{"image_id": row, "caption": text, FEATURES_KEY: row} for row, text in enumerate(corpus.sentences)]
+            captions = [
+                {"image_id": row, "caption": text, FEATURES_KEY: row} for row, text in enumerate(corpus.sentences)
+            ]
             counts = {"num_images": count, "num_captions": count, "feature_dim": embeddings.shape[1]}
             features = FeatureFile(embeddings, captions, {**meta, **counts, "row_shape": [embeddings.shape[1]]})
             write_feature_file(output, features)
     print(f"wrote {output}: {count} sentences x {spec['feature_dim']} features ({scorer.name})")
     return features
-

@@ -44,7 +44,9 @@ def text_tower(clip: Path, sentences: list[str]) -> torch.Tensor:
     """CLIPModel's own projected text features, one sentence at a time (no padding), (N, D)."""
     model, tokenizer = CLIPModel.from_pretrained(clip).eval(), AutoTokenizer.from_pretrained(clip)
     with torch.no_grad():
-        return torch.cat([model.get_text_features(**tokenizer([text], return_tensors="pt")).pooler_output for text in sentences])
+        return torch.cat(
+            [model.get_text_features(**tokenizer([text], return_tensors="pt")).pooler_output for text in sentences]
+        )
 
 
 def decap(features: torch.Tensor, corpus: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -121,7 +123,9 @@ def test_karpathy_corpus_and_store_match_and_record_the_image_encoder(synthetic,
 
 def test_bad_lines_are_skipped_and_counted_in_one_line(synthetic, tmp_path, capsys):
     lines = [b"a red circle", b"", b"   ", "x" * 30, b"a red circle", b"\xff\xfe not utf-8", b" two blue squares "]
-    (corpus := tmp_path / "corpus.txt").write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines))
+    (corpus := tmp_path / "corpus.txt").write_bytes(
+        b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines)
+    )
     features = read_features(embed_corpus(corpus, synthetic["clip"], tmp_path / "out.pkl", "--max_caption_chars", "20"))
     assert [caption["caption"] for caption in features.captions] == ["a red circle", "two blue squares"]
     assert features.meta["skipped"] == {"empty": 2, "too long": 1, "not UTF-8": 1}
@@ -197,10 +201,14 @@ def test_noisy_training_resumes_exactly(synthetic, setup, tmp_path, monkeypatch)
     train.main(train.parse_args([*common, "--out_dir", str(tmp_path / "straight")]))
     steps = len(read_log(tmp_path / "straight"))
     crash_at_step(monkeypatch, Trainer, steps - 1, [*common, "--out_dir", str(tmp_path / "resumed")])
-    train.main(train.parse_args([*common, "--out_dir", str(tmp_path / "resumed"), "--resume", str(tmp_path / "resumed")]))
+    train.main(
+        train.parse_args([*common, "--out_dir", str(tmp_path / "resumed"), "--resume", str(tmp_path / "resumed")])
+    )
     assert [r["loss"] for r in read_log(tmp_path / "resumed")] == [r["loss"] for r in read_log(tmp_path / "straight")]
     noiseless = tmp_path / "noiseless"
-    train.main(train.parse_args([*[a for a in common if a not in ("--noise_std", "0.126")], "--out_dir", str(noiseless)]))
+    train.main(
+        train.parse_args([*[a for a in common if a not in ("--noise_std", "0.126")], "--out_dir", str(noiseless)])
+    )
     assert [r["loss"] for r in read_log(noiseless)] != [r["loss"] for r in read_log(tmp_path / "straight")]
 
 
@@ -210,7 +218,9 @@ def test_decap_projection_equals_the_formula():
     expected = decap(features, corpus, 100.0)
     for chunk_rows in (50, 7, 1):  # one pass, or an online softmax over chunks
         torch.testing.assert_close(TextMemory(corpus, 100.0, chunk_rows).project(features), expected)
-    torch.testing.assert_close(TextMemory(corpus, 1e4, 7).project(features), decap(features, corpus, 1e4))  # no overflow
+    torch.testing.assert_close(
+        TextMemory(corpus, 1e4, 7).project(features), decap(features, corpus, 1e4)
+    )  # no overflow
 
 
 def test_text_memory_projects_what_predict_and_evaluate_caption(setup, tmp_path):
