@@ -12,6 +12,7 @@ from data.errors import exit_on_input_error
 from models import quiet_transformers
 from models.decoding import add_decoding_args
 from models.device import DEVICE_HELP, PRECISION_HELP
+from models.text_memory import add_text_memory_args
 from stages.evaluate import DEFAULT_METRICS, METRIC_KEYS, run_evaluation
 
 
@@ -59,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     scoring.add_argument("--output", help="write scores, settings and per-image scores to this JSON file")
     add_decoding_args(parser)  # used with --checkpoint
+    add_text_memory_args(parser)  # used with --checkpoint
     running = parser.add_argument_group("running the model (with --checkpoint)")
     running.add_argument("--batch_size", type=int, default=64, help="images decoded together")
     running.add_argument("--device", default="auto", help=DEVICE_HELP)

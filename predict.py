@@ -4,6 +4,7 @@ python predict.py photo.jpg more_photos/ "shots/*.png" --checkpoint out/coco-009
 python predict.py val2014/ --checkpoint out/coco-009.pt --output preds.json --sheet sheet.png
 python predict.py --features coco_val.pkl --checkpoint out/coco-009.pt --output preds.json
 python predict.py photo.jpg --checkpoint exports/coco_mlp                  # a directory written by export.py
+python predict.py photo.jpg --checkpoint runs/text/text-009.pt --text_memory coco_text.pkl   # DeCap
 python predict.py photo.jpg --weights coco_weights.pt --mapping_type mlp --prefix_length 10 --gpt2 gpt2
 """
 
@@ -14,6 +15,7 @@ from models import quiet_transformers
 from models.decoding import add_decoding_args
 from models.device import DEVICE_HELP, PRECISION_HELP
 from models.mappers import PREFIX_MAPPERS
+from models.text_memory import add_text_memory_args
 from stages.predict import run_prediction
 
 # The settings an original ClipCap state dict cannot tell by itself, and their defaults.
@@ -65,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lm", "--gpt2", help="the LM (and tokenizer) the weights were trained on; --gpt2 is ClipCap's name (default: gpt2)"
     )
     add_decoding_args(parser)
+    add_text_memory_args(parser)
     args = parser.parse_args(argv)
     given = [name for name in WEIGHTS_DEFAULTS if getattr(args, name) is not None]
     if args.checkpoint is not None and given:

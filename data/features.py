@@ -30,6 +30,7 @@ FEATURES_KEY = "clip_embedding"  # ClipCap's name, kept for DINOv2 features too
 # past this size go to a feature store. 2 GiB is ~14,000 images of ViT-B/32 tokens (50 x 768), ~2,700 of
 # DINOv2-B's (257 x 768); one vector per image has no limit, as before.
 MAX_PICKLE_TOKEN_BYTES = 2 * 1024**3
+TEXT_MODALITY = "text"  # meta["modality"] of a sentence corpus's text embeddings (parse_corpus.py)
 
 
 @dataclass
@@ -63,6 +64,11 @@ class FeatureFile:
         if hasattr(self.embeddings, "digest"):  # a store: from its shards' checksums, never by reading them
             return self.embeddings.digest
         return hashlib.sha256(self.embeddings.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    @property
+    def modality(self) -> str:
+        """What the rows embed: "text" for a parse_corpus.py corpus, else "image" (extraction records none)."""
+        return self.meta.get("modality") or "image"
 
     def image_rows(self) -> dict[Any, int]:
         """Image id -> row, in row order (the first caption of an image names its row)."""

@@ -73,13 +73,17 @@ class ClipScorer:
         }
 
     @torch.no_grad()
-    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
-        """L2-normalized text embeddings (N, D), float32, texts truncated to the model's 77 tokens."""
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        """The projected text embeddings (N, D), float32, not normalized (as CLIP's get_text_features), texts
+        truncated to the model's 77 tokens."""
         rows = []
         for start in range(0, len(texts), self.batch_size):
-            embeds = self.text_encoder(**self.tokenize(texts[start : start + self.batch_size]))
-            rows.append(F.normalize(embeds.float(), dim=-1))
+            rows.append(self.text_encoder(**self.tokenize(texts[start : start + self.batch_size])).float())
         return torch.cat(rows) if rows else torch.zeros(0, self.model.config.projection_dim)
+
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalized text embeddings (N, D), float32, texts truncated to the model's 77 tokens."""
+        return F.normalize(self.text_features(texts), dim=-1)
 
     def clip_s(self, image_embeds: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """CLIP-S of each caption with its image: 2.5 * max(cos(image, "A photo depicts " + caption), 0). (N,)"""

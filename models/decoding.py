@@ -14,6 +14,7 @@ from data.options import add_options, check_ranges, option, option_fields
 from models.captioner import ClipCaptionModel, Conditioning
 from models.device import autocast
 from models.lm import context_length, embed_tokens, lm_logits, new_cache, select_cache_rows
+from models.text_memory import TextMemory
 
 METHODS = ("greedy", "beam", "sample")
 
@@ -331,11 +332,13 @@ def caption_features(
     precision: str = "fp32",
     progress: bool = False,
     generator: torch.Generator | None = None,
+    memory: TextMemory | None = None,
 ) -> list[list[str]]:
     """Caption image features, (N, D) or patch tokens (N, T, D): num_captions captions per row, best
     first. The model must
     already be on `device` (default: where its weights are); it is put in eval mode meanwhile.
-    Sampling draws from `generator` (a caller that captions in several calls passes one it keeps)."""
+    Sampling draws from `generator` (a caller that captions in several calls passes one it keeps).
+    With `memory`, each feature is first projected onto it (DeCap)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     stop_ids = stop_token_ids(tokenizer, options.stop_token)
     if generator is None:
@@ -348,6 +351,8 @@ def caption_features(
         with tqdm(total=features.shape[0], unit="image", desc="captioning", disable=not progress) as bar:
             for start in range(0, features.shape[0], batch_size):
                 batch = features[start : start + batch_size].to(device)  # (b, D) or (b, T, D)
+                if memory is not None:
+                    batch = memory.project(batch)  # (b, D)
                 with torch.no_grad(), autocast(device, precision):
                     conditioning = model.condition(batch)
                     hypotheses = decode(model, conditioning, tokenizer.eos_token_id, options, stop_ids, generator)

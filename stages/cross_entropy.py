@@ -2,8 +2,10 @@
 caption of the training file, under ClipCap's schedule (linear warmup, then linear decay to 0)."""
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
@@ -23,6 +25,18 @@ def compute_loss(network: torch.nn.Module, batch: CaptionBatch, device: torch.de
     """The teacher-forced loss of a batch (already on `device`), under the run's precision."""
     with autocast(device, precision):
         return network(batch.features, batch.tokens, batch.attention_mask).loss
+
+
+def capdec_noise(features: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """CapDec's noise: normalize(normalize(x) + e), e ~ N(0, std^2) per dimension, drawn on the CPU from
+    `generator` (so a step's draw is the same on every device). (B, D) -> (B, D)."""
+    noise = torch.randn(features.shape, generator=generator) * std
+    return F.normalize(F.normalize(features.float(), dim=-1) + noise.to(features.device), dim=-1)
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """A generator of its own for one step of one rank: a resumed run draws what the uninterrupted run drew."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
 
 
 def caption_dataset(
@@ -45,7 +59,7 @@ def caption_dataset(
 class CrossEntropy:
     """Train on captions: each item is one caption, its loss the LM's cross-entropy over the caption tokens."""
 
-    identity = ()  # nothing beyond the Trainer's options decides its weights
+    identity = ("noise_std",)  # beyond the Trainer's options
     default_warmup_steps = 5000  # ClipCap's
 
     def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device, precision: str):
@@ -81,8 +95,13 @@ class CrossEntropy:
         self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
     ) -> torch.optim.lr_scheduler.LRScheduler:
         """ClipCap's: linear warmup, then linear decay to 0 at the last step."""
-        return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        # Kept: its count of steps taken (restored on --resume) numbers the noise's draws.
+        self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        return self.scheduler
 
     def loss(self, network: torch.nn.Module, batch: CaptionBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The batch's teacher-forced loss; no figures beside it."""
+        """The batch's teacher-forced loss, on features noised with --noise_std; no figures beside it."""
+        if self.options.noise_std:  # here, not in the dataset or the validation loss: training features only
+            generator = step_generator(self.options.seed, self.context.rank, self.scheduler.last_epoch)
+            batch = replace(batch, features=capdec_noise(batch.features, self.options.noise_std, generator))
         return compute_loss(network, batch, self.device, self.precision), {}

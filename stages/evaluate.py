@@ -37,7 +37,8 @@ from models.checkpoint import captioner_tokenizer
 from models.decoding import DecodingOptions, decoding_options_from_args
 from models.device import resolve_device, resolve_precision
 from models.hf_export import load_captioner
-from stages.predict import caption_feature_file, check_features_fit
+from models.text_memory import memory_temperature
+from stages.predict import caption_feature_file, check_features_fit, read_text_memory
 
 # Metric groups as pycocoevalcap names them, and the score keys each one yields.
 METRIC_KEYS = {
@@ -269,7 +270,9 @@ def _check_sources(args: argparse.Namespace) -> None:
         raise InputError("give --checkpoint X.pt --features FILE, or --predictions FILE --references FILE")
     if args.batch_size < 1:
         raise InputError(f"--batch_size {args.batch_size}: must be at least 1")
-    inputs = ("checkpoint", "features", "predictions", "references")
+    if args.text_memory is not None and args.checkpoint is None:
+        raise InputError("--text_memory projects the features a --checkpoint captions: give --checkpoint too")
+    inputs = ("checkpoint", "features", "predictions", "references", "text_memory")
     check_outputs({"--output": args.output}, {f"--{name}": getattr(args, name) for name in inputs})
 
 
@@ -309,6 +312,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     if args.checkpoint is not None:
         model = load_captioner(args.checkpoint, map_location=device).to(device)
         check_features_fit(feature_file, model, args.features)
+        memory = read_text_memory(args.text_memory, model, memory_temperature(args))
         captioned = caption_feature_file(
             model,
             captioner_tokenizer(model),
@@ -318,11 +322,14 @@ def run_evaluation(args: argparse.Namespace) -> dict:
             device=device,
             precision=precision,
             progress=True,
+            memory=memory,
         )
         predictions = {image_id: captions[0] for image_id, captions in captioned}  # the best caption of each image
         settings.update(
             checkpoint=args.checkpoint, features=args.features, decoding=asdict(options), precision=precision
         )
+        if memory is not None:
+            settings.update(text_memory=args.text_memory, memory_temperature=memory.temperature)
     else:
         settings.update(predictions=args.predictions)
     if (warning := describe_empty_captions(predictions, predictions_name)) is not None:

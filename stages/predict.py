@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from data.annotations import image_id_from_path
 from data.atomic import check_outputs
 from data.errors import InputError
-from data.features import FeatureFile, check_same_encoder
+from data.features import TEXT_MODALITY, FeatureFile, check_same_encoder
 from data.predictions import expand_image_inputs, write_coco_results
 from data.sheet import draw_contact_sheet, sheet_format
 from data.store import read_features
@@ -26,6 +26,7 @@ from models.decoding import DecodingOptions, caption_features, decoding_options_
 from models.device import resolve_device, resolve_precision
 from models.encoders import ImageEncoder, Preprocess, encoder_from_spec, load_encoder
 from models.hf_export import load_captioner
+from models.text_memory import TextMemory, memory_temperature
 from stages.extract import iter_encoded_batches
 
 PROGRESS_FROM = 8  # images; fewer than this get no progress bar
@@ -52,6 +53,20 @@ def check_features_fit(feature_file: FeatureFile, model: ClipCaptionModel, sourc
     """A feature file's width and (when both record it) its encoder must be those the captioner was trained on."""
     check_feature_width(feature_file.feature_dim, model, source)
     check_same_encoder(feature_file, source, model.config.encoder, "the captioner")
+
+
+def read_text_memory(path: str | None, model: ClipCaptionModel, temperature: float) -> TextMemory | None:
+    """--text_memory: a corpus's text embeddings (parse_corpus.py) of the captioner's CLIP, or None without it."""
+    if path is None:
+        return None
+    memory = read_features(path)
+    source = f"--text_memory {path}"
+    if memory.modality != TEXT_MODALITY:
+        raise InputError(f"{source}: holds {memory.modality} features, not a corpus's text embeddings (parse_corpus.py)")
+    if model.config.cross_attention:
+        raise InputError(f"{source}: the captioner attends to patch tokens (xattn); the memory replaces one vector per image")
+    check_features_fit(memory, model, source)
+    return TextMemory(memory.embeddings, temperature)
 
 
 def load_for_images(checkpoint: str | os.PathLike) -> tuple[ClipCaptionModel, ImageEncoder, Preprocess]:
@@ -89,8 +104,10 @@ def caption_image_files(
     device: torch.device,
     precision: str,
     progress: bool,
+    memory: TextMemory | None = None,
 ) -> Iterator[ImageCaptions]:
-    """Caption image files batch by batch, in input order; an unreadable file yields its error."""
+    """Caption image files batch by batch, in input order; an unreadable file yields its error. With `memory`,
+    each image embedding is projected onto it first (DeCap)."""
     batches = iter_encoded_batches(
         encoder,
         preprocess,
@@ -114,6 +131,7 @@ def caption_image_files(
                 device=device,
                 precision=precision,
                 generator=generator,
+                memory=memory,
             )
             results += [ImageCaptions(index, texts) for index, texts in zip(batch.indices, captions)]
         yield from sorted(results, key=lambda result: result.index)
@@ -129,8 +147,10 @@ def caption_feature_file(
     device: torch.device,
     precision: str,
     progress: bool,
+    memory: TextMemory | None = None,
 ) -> list[tuple[object, list[str]]]:
-    """Caption each image row of a feature file once: (image_id, captions) in row order."""
+    """Caption each image row of a feature file once: (image_id, captions) in row order (projected onto
+    `memory` first, if given)."""
     rows = feature_file.image_rows()  # image id -> row
     features = feature_file.embeddings[list(rows.values())]  # (N, D)
     captions = caption_features(
@@ -142,6 +162,7 @@ def caption_feature_file(
         device=device,
         precision=precision,
         progress=progress,
+        memory=memory,
     )
     return list(zip(rows, captions))
 
@@ -182,6 +203,7 @@ def predict_features(
     else:
         model = load_captioner(args.checkpoint)
     check_features_fit(feature_file, model, args.features)
+    memory = read_text_memory(args.text_memory, model, memory_temperature(args))
     tokenizer = captioner_tokenizer(model)
     results = caption_feature_file(
         model.to(device),
@@ -192,6 +214,7 @@ def predict_features(
         device=device,
         precision=precision,
         progress=feature_file.embeddings.shape[0] >= PROGRESS_FROM,
+        memory=memory,
     )
     for image_id, captions in results:
         for caption in captions:
@@ -210,6 +233,7 @@ def predict_images(
         )
     else:
         model, encoder, preprocess = load_for_images(args.checkpoint)
+    memory = read_text_memory(args.text_memory, model, memory_temperature(args))
     tokenizer = captioner_tokenizer(model)
     model.to(device)
     captioned, failed = [], 0
@@ -225,6 +249,7 @@ def predict_images(
         device=device,
         precision=precision,
         progress=len(paths) >= PROGRESS_FROM,
+        memory=memory,
     )
     for result in results:
         path = paths[result.index]
@@ -244,7 +269,13 @@ def run_prediction(args: argparse.Namespace) -> None:
     paths = expand_image_inputs(args.images) if args.images else []
     check_outputs(
         {"--output": args.output, "--sheet": args.sheet},
-        {"--checkpoint": args.checkpoint, "--weights": args.weights, "--features": args.features, "input": paths},
+        {
+            "--checkpoint": args.checkpoint,
+            "--weights": args.weights,
+            "--features": args.features,
+            "--text_memory": args.text_memory,
+            "input": paths,
+        },
     )
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)

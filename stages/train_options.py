@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import InputError
-from data.features import FeatureFile
+from data.features import TEXT_MODALITY, FeatureFile
 from data.options import UsageRule, option
 from models.config import LM_DTYPES, CaptionerConfig
 from models.device import DEVICE_HELP, PRECISION_HELP, PRECISIONS
@@ -21,12 +21,14 @@ GROUPS = {
     **TRACKING_GROUP,
 }
 # Flags given where they do not apply are usage errors. "model": under --scst the --init_from checkpoint's
-# config decides the model; "scst": SCST's own; "prefix_mapper": the prefix mappers' (xattn has none).
+# config decides the model; "scst": SCST's own; "prefix_mapper": the prefix mappers' (xattn has none);
+# "cross_entropy": the cross-entropy objective's own.
 USAGE_RULES = (
     UsageRule("model", lambda options: options.scst, "--scst takes the model from --init_from's config; do not give {flags}"),
     UsageRule("scst", lambda options: not options.scst, "{flags}: only with --scst"),
     UsageRule("prefix_mapper", lambda options: options.mapping_type == "xattn", "{flags}: --mapping_type xattn has no prefix mapper"),
     UsageRule("lora", lambda options: options.lora_r == 0, "{flags}: only with --lora_r (LoRA adapters)"),
+    UsageRule("cross_entropy", lambda options: options.objective != "cross_entropy", "{flags}: cross-entropy training only"),
     UsageRule("fsdp", lambda options: options.fsdp, "{flags}: not with --fsdp, which shards a cross-entropy fine-tune of the whole LM (--only_prefix: nothing to shard, train under plain torchrun; decoding, as --scst and --eval_every do, is not sharded)"),
 )  # fmt: skip
 
@@ -160,6 +162,14 @@ class TrainingOptions(TrackingOptions):
         group="ours",
         usage=("model", "prefix_mapper"),
     )
+    noise_std: float = option(
+        0.0,
+        "CapDec's noise (text-only training): each training feature x becomes normalize(normalize(x) + e), e ~ "
+        "N(0, std^2) per dimension (CapDec's variance 0.016: std 0.126); needs --normalize_prefix (0: none)",
+        minimum=0,
+        group="ours",
+        usage=("prefix_mapper", "cross_entropy"),
+    )
     lr: float = option(2e-5, "peak AdamW learning rate", positive=True, group="ours")
     warmup_steps: int | None = option(
         None,
@@ -291,6 +301,11 @@ def captioner_config(options: TrainingOptions, features: FeatureFile) -> Caption
             f"--mapping_type {options.mapping_type} maps one vector per image, but {options.data} holds patch "
             "tokens; use --mapping_type xattn"
         )
+    if not options.normalize_prefix and (options.noise_std or features.modality == TEXT_MODALITY):
+        # Text and image embeddings of one CLIP differ in norm: only their directions carry over, so a captioner
+        # trained on text sees normalized features (CapDec's noise is added to normalized features too).
+        why = f"--noise_std {options.noise_std}" if options.noise_std else f"{options.data} holds text embeddings"
+        raise InputError(f"{why}: give --normalize_prefix, so images' embeddings are normalized alike at inference")
     # A directory is recorded absolute, so the checkpoint loads from any working directory.
     lm_name = str(Path(options.lm).resolve()) if Path(options.lm).is_dir() else options.lm
     if options.lm_dtype != "fp32" and not (options.only_prefix or options.lora_r):
