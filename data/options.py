@@ -91,6 +91,11 @@ def default_of(field: dataclasses.Field) -> Any:
     return field.default_factory() if field.default_factory is not MISSING else field.default
 
 
+def option_defaults(options_class: type) -> dict[str, Any]:
+    """Every option's default, by field name."""
+    return {field.name: default_of(field) for field in option_fields(options_class)}
+
+
 def default_text(field: dataclasses.Field) -> str:
     """What --help says of the default."""
     if field.metadata["shown_default"] is not None:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from data.captions import CaptionCollator, drop_long_captions
 from data.errors import InputError
 from data.features import FeatureFile, check_same_encoder
-from data.options import check_ranges
+from data.options import check_ranges, option_defaults
 from data.store import read_features
 from models.captioner import ClipCaptionModel
 from models.checkpoint import load_state_into, save_checkpoint, save_config_json
@@ -116,7 +116,7 @@ class Trainer:
         train_file = self._short_captions(read_features(options.data), f"--data {options.data}")
         self.config = self.objective.model_config(train_file)
         if checkpoint is not None:  # before anything slow: a wrong file or flag fails at once
-            check_same_run(checkpoint, source, self.config, self.identity())
+            check_same_run(checkpoint, source, self.config, self.identity(), option_defaults(TrainingOptions))
             check_same_runtime(checkpoint, source, self.runtime)
         self.tokenizer = load_tokenizer(self.config.lm_name)
         torch.manual_seed(options.seed)  # the mapper's initial weights

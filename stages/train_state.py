@@ -275,8 +275,15 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, source: Path) -> Non
                     )
 
 
-def check_same_run(checkpoint: dict[str, Any], source: Path, config: CaptionerConfig, options: dict[str, Any]) -> None:
-    """A resumed run must have the model and options of the saved one, or it cannot reach the same weights."""
+def check_same_run(
+    checkpoint: dict[str, Any],
+    source: Path,
+    config: CaptionerConfig,
+    options: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """A resumed run must have the model and options of the saved one, or it cannot reach the same weights.
+    An option the saved run does not record came after it was saved: it ran with that option's default."""
     saved = CaptionerConfig.from_dict(checkpoint["config"], source=str(source))
     if saved.feature_dim != config.feature_dim:
         raise InputError(
@@ -289,10 +296,11 @@ def check_same_run(checkpoint: dict[str, Any], source: Path, config: CaptionerCo
                 f"--resume {source}: {name} is {getattr(config, name)!r} here but {getattr(saved, name)!r} "
                 "in the saved run; resume with the same settings"
             )
+    saved_options = {**(defaults or {}), **checkpoint["options"]}
     for name in options:  # TRAJECTORY_OPTIONS, and a stage's own (SCST's)
-        if checkpoint["options"].get(name) != options[name]:
+        if saved_options.get(name) != options[name]:
             raise InputError(
-                f"--resume {source}: {name} is {options[name]!r} here but {checkpoint['options'].get(name)!r} "
+                f"--resume {source}: {name} is {options[name]!r} here but {saved_options.get(name)!r} "
                 "in the saved run; resume with the same settings"
             )
 

@@ -395,3 +395,21 @@ def test_adamw_epsilon_is_clipcaps(tmp_path, tiny_gpt2_dir):
     options = TrainingOptions(**vars(train.parse_args(train_args(data, tmp_path / "run", tiny_gpt2_dir))))
     trainer = Trainer(options, DistributedContext(), torch.device("cpu"))
     assert trainer.optimizer.defaults["eps"] == 1e-6
+
+
+def test_a_run_saved_before_an_option_existed_resumes_with_its_default(tmp_path, tiny_gpt2_dir, monkeypatch):
+    """A _latest.pt whose options lack one added later (e.g. --noise_std) ran with that option's default."""
+    data = write_features(tmp_path / "train.pkl", [[text] for text in CAPTIONS])
+    out_dir = tmp_path / "run"
+    argv = train_args(data, out_dir, tiny_gpt2_dir, "--epochs", "2", "--save_latest_every", "1")
+    crash_at_step(monkeypatch, Trainer, 3, argv)  # in the second epoch (2 steps an epoch)
+    latest = out_dir / "coco_prefix_latest.pt"
+    saved = torch.load(latest, weights_only=True)
+    del saved["options"]["noise_std"]
+    torch.save(saved, latest)
+    train.main(train.parse_args([*argv, "--resume", str(out_dir)]))
+    assert (out_dir / "coco_prefix-001.pt").is_file()
+    saved["options"]["noise_std"] = 0.1  # a value other than this run's is still refused
+    torch.save(saved, latest)
+    with pytest.raises(InputError, match="noise_std is 0.0 here but 0.1 in the saved run"):
+        train.main(train.parse_args([*argv, "--resume", str(out_dir)]))
