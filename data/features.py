@@ -30,6 +30,7 @@ FEATURES_KEY = "clip_embedding"  # ClipCap's name, kept for DINOv2 features too
 # past this size go to a feature store. 2 GiB is ~14,000 images of ViT-B/32 tokens (50 x 768), ~2,700 of
 # DINOv2-B's (257 x 768); one vector per image has no limit, as before.
 MAX_PICKLE_TOKEN_BYTES = 2 * 1024**3
+IMAGE_MODALITY = "image"  # what a feature file without meta["modality"] holds: extraction's
 TEXT_MODALITY = "text"  # meta["modality"] of a sentence corpus's text embeddings (parse_corpus.py)
 
 
@@ -68,7 +69,7 @@ class FeatureFile:
     @property
     def modality(self) -> str:
         """What the rows embed: "text" for a parse_corpus.py corpus, else "image" (extraction records none)."""
-        return self.meta.get("modality") or "image"
+        return self.meta.get("modality") or IMAGE_MODALITY
 
     def image_rows(self) -> dict[Any, int]:
         """Image id -> row, in row order (the first caption of an image names its row)."""

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from data.annotations import image_id_from_path
 from data.atomic import check_outputs
 from data.errors import InputError
-from data.features import TEXT_MODALITY, FeatureFile, check_same_encoder
+from data.features import IMAGE_MODALITY, TEXT_MODALITY, FeatureFile, check_same_encoder
 from data.predictions import expand_image_inputs, write_coco_results
 from data.sheet import draw_contact_sheet, sheet_format
 from data.store import read_features
@@ -49,8 +49,16 @@ def check_feature_width(feature_dim: int, model: ClipCaptionModel, source: str) 
         raise InputError(f"{source} gives {feature_dim}-d features, the captioner's mapper expects {expected}-d")
 
 
-def check_features_fit(feature_file: FeatureFile, model: ClipCaptionModel, source: str) -> None:
-    """A feature file's width and (when both record it) its encoder must be those the captioner was trained on."""
+def check_features_fit(
+    feature_file: FeatureFile, model: ClipCaptionModel, source: str, modality: str = IMAGE_MODALITY
+) -> None:
+    """A feature file's modality, width and (when both record it) encoder must be what the captioner reads here:
+    images' features (a text-only captioner's too: its image side is the same CLIP), or a --text_memory corpus."""
+    if feature_file.modality != modality:
+        raise InputError(
+            f"{source}: holds {feature_file.modality} features, not {modality} features"
+            + ("; a corpus belongs in --text_memory" if feature_file.modality == TEXT_MODALITY else "")
+        )
     check_feature_width(feature_file.feature_dim, model, source)
     check_same_encoder(feature_file, source, model.config.encoder, "the captioner")
 
@@ -65,7 +73,7 @@ def read_text_memory(path: str | None, model: ClipCaptionModel, temperature: flo
         raise InputError(f"{source}: holds {memory.modality} features, not a corpus's text embeddings (parse_corpus.py)")
     if model.config.cross_attention:
         raise InputError(f"{source}: the captioner attends to patch tokens (xattn); the memory replaces one vector per image")
-    check_features_fit(memory, model, source)
+    check_features_fit(memory, model, source, TEXT_MODALITY)
     return TextMemory(memory.embeddings, temperature)
 
 

@@ -260,3 +260,13 @@ def test_memory_of_images_or_of_another_clip_is_refused_in_one_line(synthetic, s
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: --text_memory {images}: holds image features, not a corpus's text embeddings (parse_corpus.py)"
     )
+
+
+def test_a_corpus_given_as_image_features_is_refused_in_one_line(setup):
+    corpus, checkpoint = str(setup["corpus"]), str(setup["checkpoint"])
+    message = f"{corpus}: holds text features, not image features; a corpus belongs in --text_memory"
+    with pytest.raises(InputError) as error:
+        predict.main(predict.parse_args(["--features", corpus, "--checkpoint", checkpoint, "--device", "cpu"]))
+    assert str(error.value) == message
+    with pytest.raises(InputError, match="holds text features, not image features"):
+        evaluate.main(evaluate.parse_args(["--checkpoint", checkpoint, "--features", corpus, "--device", "cpu"]))
