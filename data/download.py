@@ -95,7 +95,10 @@ def download(remote: RemoteFile, directory: Path, mirror: str | None = None) -> 
     target = directory / remote.name
     url = file_url(remote, mirror)
     if target.exists():
-        verify_file(target, remote, str(target))
+        try:
+            verify_file(target, remote, str(target))
+        except InputError as error:
+            raise InputError(f"{error}; delete it to download it again") from None
         return target
     directory.mkdir(parents=True, exist_ok=True)
     part = directory / f"{remote.name}.part"

@@ -289,3 +289,14 @@ def test_flickr30k_from_a_local_zip(tmp_path, server, manifest, files):
     local.write_bytes(make_zip({f"flickr30k-images/{name}": b"x" for name in FLICKR[:3]}))
     with pytest.raises(InputError, match=r"3 images where 4 are expected"):
         prepare("flickr30k", tmp_path / "other", server, manifest, "--flickr30k_zip", str(local))
+
+
+def test_a_member_with_a_bad_crc_is_refused_and_nothing_is_laid_out(tmp_path, files, manifest):
+    good = files["val2014.zip"]
+    flipped = good.index(jpeg((0, 200, 0))) + 100  # a byte inside the first member's data
+    files["val2014.zip"] = good[:flipped] + bytes([good[flipped] ^ 0xFF]) + good[flipped + 1 :]
+    write_manifest(manifest, files)  # the download verifies: the damage is found by the CRC as it is extracted
+    root = tmp_path / "data"
+    with FixtureServer(files) as server, pytest.raises(InputError, match=r"val2014\.zip: corrupt member"):
+        prepare("coco", root, server, manifest)
+    assert not (root / "coco" / "val2014").exists()
