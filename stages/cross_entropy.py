@@ -47,6 +47,7 @@ class CrossEntropy:
 
     identity = ()  # nothing beyond the Trainer's options decides its weights
     default_warmup_steps = 5000  # ClipCap's
+    default_reward = None  # it takes no reward
 
     def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device, precision: str):
         self.options, self.context, self.device, self.precision = options, context, device, precision
@@ -86,3 +87,10 @@ class CrossEntropy:
     def loss(self, network: torch.nn.Module, batch: CaptionBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The batch's teacher-forced loss; no figures beside it."""
         return compute_loss(network, batch, self.device, self.precision), {}
+
+    def state_dict(self) -> dict:
+        """Nothing besides the model: the Trainer saves all of it."""
+        return {}
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        """Nothing to put back."""
