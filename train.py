@@ -7,6 +7,8 @@ torchrun --nproc_per_node 4 train.py --data ... --bs 40          # DistributedDa
 torchrun --nproc_per_node 8 train.py --fsdp --lm Qwen/Qwen2.5-7B --data ... --bs 8   # FSDP2: a sharded LM
 python train.py --scst --init_from runs/coco/coco_prefix_best.pt --data features_train.pkl \
     --out_dir runs/coco_scst --prefix coco_scst --reward cider --lr 1e-5 --bs 50   # SCST (Stage 2b)
+python train.py --unpaired --init_from runs/text_only/text_prefix-009.pt --data features_train.pkl \
+    --corpus corpus.pkl --clip_model ViT-B/32 --out_dir runs/unpaired --prefix unpaired   # CgT-GAN
 """
 
 from data.errors import exit_on_input_error
@@ -26,11 +28,13 @@ def parse_args(argv: list[str] | None = None) -> TrainingOptions:
         parser.error("--push_to_hub uploads the --export_hf directory: give --export_hf too")
     if options.warmup_steps is None:
         options.warmup_steps = OBJECTIVES[options.objective].default_warmup_steps
+    if options.reward is None:
+        options.reward = OBJECTIVES[options.objective].default_reward
     return options
 
 
 def main(args: TrainingOptions) -> ClipCaptionModel:
-    """Train (cross-entropy, or SCST with --scst) and return the model (the checkpoints are in --out_dir)."""
+    """Train (cross-entropy, SCST with --scst, unpaired with --unpaired) and return the model (the checkpoints are in --out_dir)."""
     return run_training(TrainingOptions(**vars(args)))
 
 

@@ -11,6 +11,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer, Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     CLIPConfig,
@@ -262,5 +263,25 @@ def save_tiny_seq2seq_lm(directory: str | os.PathLike, family: str, texts: Itera
     config = AutoConfig.for_model(family, vocab_size=len(tokenizer), **ids, **TINY_SEQ2SEQ_SIZES[family])
     directory = Path(directory)
     AutoModelForSeq2SeqLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+ROBERTA_SPECIAL_TOKENS = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "mask_token": "<mask>"}
+
+
+def save_tiny_text_encoder(directory: str | os.PathLike, texts: Iterable[str], seed: int = 0) -> Path:
+    """A tiny RoBERTa encoder (width 32, 2 layers, 66 positions) with random weights and a byte-level BPE
+    trained on `texts` that wraps each text in <s> ... </s> as RoBERTa's does, saved together as a hub model is."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=512, min_frequency=1, special_tokens=list(ROBERTA_SPECIAL_TOKENS.values()))
+    bpe.post_processor = processors.RobertaProcessing(("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **ROBERTA_SPECIAL_TOKENS)
+    torch.manual_seed(seed)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 66}
+    config = AutoConfig.for_model("roberta", vocab_size=len(tokenizer), **ids, **sizes)
+    directory = Path(directory)
+    AutoModel.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

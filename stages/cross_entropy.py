@@ -61,6 +61,7 @@ class CrossEntropy:
 
     identity = ("noise_std",)  # beyond the Trainer's options
     default_warmup_steps = 5000  # ClipCap's
+    default_reward = None  # it takes no reward
 
     def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device, precision: str):
         self.options, self.context, self.device, self.precision = options, context, device, precision
@@ -105,3 +106,10 @@ class CrossEntropy:
             generator = step_generator(self.options.seed, self.context.rank, self.scheduler.last_epoch)
             batch = replace(batch, features=capdec_noise(batch.features, self.options.noise_std, generator))
         return compute_loss(network, batch, self.device, self.precision), {}
+
+    def state_dict(self) -> dict:
+        """Nothing besides the model: the Trainer saves all of it."""
+        return {}
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        """Nothing to put back."""

@@ -16,6 +16,7 @@ from stages.cross_entropy import CrossEntropy
 from stages.distributed import DistributedContext
 from stages.scst import Scst
 from stages.train_options import TrainingOptions
+from stages.unpaired import Unpaired
 
 
 class Objective(Protocol):
@@ -24,6 +25,7 @@ class Objective(Protocol):
 
     identity: tuple[str, ...]  # its options that decide the weights besides the Trainer's (kept on --resume)
     default_warmup_steps: int  # --warmup_steps when not given
+    default_reward: str | None  # --reward when not given (None: it takes no reward)
 
     def __init__(
         self, options: TrainingOptions, context: DistributedContext, device: torch.device, precision: str
@@ -55,8 +57,16 @@ class Objective(Protocol):
         """The loss to minimize on a batch (on the device; `network` is DDP-wrapped under torchrun) and
         figures to log beside it (rank 0's are written: figures of all ranks are the objective's to reduce)."""
 
+    def state_dict(self) -> dict:
+        """What the objective trains or counts besides the model (a discriminator and its optimizer): saved in
+        `_latest.pt` for --resume (tensors, numbers, strings, lists and dicts of them)."""
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        """Put back a state_dict() of the run in `source` (after training_data); a damaged one is one line."""
+
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "cross_entropy": CrossEntropy,
     "scst": Scst,
+    "unpaired": Unpaired,
 }

@@ -1,6 +1,7 @@
 """SCST's rewards: CIDEr-D in Python, as the COCO caption toolkit computes it (no Java in the training
 loop), CLIP-S through models.clip_score, the reward terms by name and the --reward choices that add them up,
-and the baselines subtracted from them."""
+and the baselines subtracted from them; and unpaired training's CLIP rewards (CgT-GAN's score against the
+image, or against its CLIP-agg of a sentence corpus) and its --reward choices."""
 
 import math
 from collections.abc import Callable, Sequence
@@ -9,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from data.errors import InputError
 from data.features import FeatureFile
@@ -182,6 +184,7 @@ class RewardInputs:
     clip_features: str | None = None
     clip_weight: float = 1.0
     device: torch.device | str = "cpu"
+    corpus: FeatureFile | None = None  # --unpaired: the sentence corpus (text embeddings of the CLIP model)
 
 
 class RewardTerm(Protocol):
@@ -252,12 +255,89 @@ def clip_image_embeddings(
     return {image_id: source.embeddings[rows[image_id]] for image_id in train_file.image_rows()}
 
 
-REWARD_TERMS: dict[str, Callable[[RewardInputs], RewardTerm]] = {"cider": CiderReward, "clip": ClipReward}
+CLIP_COSINE_WEIGHT = 0.5  # w in CgT-GAN's CLIP score: w cos(a, t) + (1 - w)(1 - mean |a - t|)
+AGGREGATION_TEMPERATURE = 100.0  # tau of CLIP-agg: softmax(tau cos(v, s_j)), CgT-GAN's (and DeCap's) 100
+AGGREGATION_CHUNK = 64  # images per block when aggregating: a block holds (chunk, corpus size) weights
+
+
+def clip_agg_targets(
+    image_embeds: torch.Tensor, corpus_embeds: torch.Tensor, temperature: float = AGGREGATION_TEMPERATURE
+) -> torch.Tensor:
+    """CgT-GAN's CLIP-agg target of each image: a = sum_j softmax_j(tau cos(v, s_j)) s_j over the corpus's
+    normalized text embeddings s_j. (B, D), (M, D) -> (B, D)"""
+    sentences = F.normalize(corpus_embeds.float(), dim=-1)
+    targets = []
+    for start in range(0, len(image_embeds), AGGREGATION_CHUNK):
+        images = F.normalize(image_embeds[start : start + AGGREGATION_CHUNK].float(), dim=-1)  # (b, D)
+        weights = torch.softmax(temperature * images @ sentences.T, dim=-1)  # (b, M)
+        targets.append(weights @ sentences)
+    return torch.cat(targets)
+
+
+def clip_target_score(targets: torch.Tensor, text_embeds: torch.Tensor, weight: float = CLIP_COSINE_WEIGHT) -> torch.Tensor:
+    """CgT-GAN's CLIP score of each caption's normalized text embedding t against its target a:
+    w cos(a, t) + (1 - w)(1 - mean |a - t|). (N, D), (N, D) -> (N,)"""
+    cosine = F.cosine_similarity(targets, text_embeds, dim=-1)
+    return weight * cosine + (1 - weight) * (1 - (targets - text_embeds).abs().mean(dim=-1))
+
+
+class ClipTargetReward:
+    """CgT-GAN's CLIP score of a caption's --clip_model text embedding against its image's target: the image
+    embedding v itself (in --data, or in --clip_features), or with `aggregate` its CLIP-agg over --corpus."""
+
+    def __init__(self, inputs: RewardInputs, aggregate: bool):
+        if not inputs.clip_model:
+            raise InputError(
+                f"--reward {inputs.reward} needs --clip_model (a CLIP name, id or directory with both towers)"
+            )
+        self.clip = ClipScorer(inputs.clip_model, inputs.device)
+        embeds = clip_image_embeddings(self.clip.name, inputs.train_file, inputs.data_name, inputs.clip_features)
+        image_ids = list(embeds)
+        images = torch.stack([embeds[image_id] for image_id in image_ids]).float().to(self.clip.device)  # (N, D)
+        if aggregate:
+            targets = clip_agg_targets(images, corpus_embeddings(inputs.corpus, self.clip.name).to(self.clip.device))
+        else:
+            targets = F.normalize(images, dim=-1)
+        self.targets = dict(zip(image_ids, targets, strict=True))
+
+    def __call__(self, image_ids: Sequence[ImageId], captions: Sequence[str]) -> torch.Tensor:
+        """The CLIP score of each caption against its image's target, float32 on the CPU. (N,)"""
+        targets = torch.stack([self.targets[image_id] for image_id in image_ids])
+        return clip_target_score(targets, self.clip.text_embeddings(list(captions))).cpu()
+
+
+def corpus_embeddings(corpus: FeatureFile | None, clip_name: str) -> torch.Tensor:
+    """The corpus's text embeddings (M, D), refused unless they are `clip_name`'s (the images' CLIP)."""
+    if corpus is None:
+        raise InputError("--reward clip_agg needs --corpus, a sentence corpus's features (parse_corpus.py)")
+    encoder = corpus.meta.get("encoder") or {}
+    if encoder.get("name") != clip_name:
+        raise InputError(
+            f"--corpus holds text embeddings of {encoder.get('name', 'an unrecorded encoder')}, not of --clip_model "
+            f"{clip_name}: CLIP-agg needs the images' CLIP"
+        )
+    return torch.as_tensor(corpus.embeddings.numpy(), dtype=torch.float32)
+
+
+REWARD_TERMS: dict[str, Callable[[RewardInputs], RewardTerm]] = {
+    "cider": CiderReward,
+    "clip": ClipReward,
+    "clip_image": lambda inputs: ClipTargetReward(inputs, aggregate=False),
+    "clip_agg": lambda inputs: ClipTargetReward(inputs, aggregate=True),
+}
 # Each --reward choice: the terms it adds up, with their weights (a number, or the RewardInputs field of a flag).
 REWARDS: dict[str, dict[str, float | str]] = {
     "cider": {"cider": 1.0},
     "clip": {"clip": 1.0},
     "cider+clip": {"cider": 1.0, "clip": "clip_weight"},
+}
+# Each --unpaired --reward choice: its CLIP term (a REWARD_TERMS name, or None) and whether the discriminator's
+# adversarial reward joins it (weighed against it by lambda_t: stages/unpaired.py).
+UNPAIRED_REWARDS: dict[str, tuple[str | None, bool]] = {
+    "clip": ("clip_image", False),
+    "clip_agg": ("clip_agg", False),
+    "adv": (None, True),
+    "clip_agg+adv": ("clip_agg", True),
 }
 
 

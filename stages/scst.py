@@ -6,7 +6,8 @@ so; the run itself (checkpoints, resume, torchrun, evaluation) is the Trainer's 
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from data.features import FeatureFile, check_same_encoder
 from data.references import ImageId
 from models.captioner import ClipCaptionModel
 from models.config import CaptionerConfig
-from models.decoding import DecodingOptions, caption_text, decode
+from models.decoding import DecodingOptions, Hypothesis, caption_text, decode
 from models.device import autocast
 from models.hf_export import load_captioner
 from models.lm import context_length
@@ -115,6 +116,83 @@ def token_log_probs(
     return -nll.view(tokens.shape)
 
 
+@dataclass
+class Samples:
+    """What the policy drew for a batch of images: K sampled captions each, and each image's greedy caption."""
+
+    hypotheses: list[list[Hypothesis]]  # B lists of K, with their tokens
+    captions: list[str]  # B * K, image-major
+    greedy: list[str] | None  # B, when asked for
+
+
+def sample_captions(
+    model: ClipCaptionModel,
+    tokenizer: PreTrainedTokenizerBase,
+    features: torch.Tensor,
+    *,
+    num_samples: int,
+    max_length: int,
+    greedy: bool,
+    precision: str,
+) -> Samples:
+    """K sampled captions per image (B, D) and, with `greedy`, the greedy caption of each, without gradients.
+    Samples come from torch's global RNG (saved for --resume)."""
+    sample = DecodingOptions(method="sample", num_captions=num_samples, max_length=max_length)
+    with torch.no_grad(), autocast(features.device, precision):
+        conditioning = model.condition(features)
+        hypotheses = decode(model, conditioning, tokenizer.eos_token_id, sample)  # B lists of K
+        greedy_hypotheses = None
+        if greedy:
+            greedy_options = DecodingOptions(method="greedy", max_length=max_length)
+            greedy_hypotheses = decode(model, conditioning, tokenizer.eos_token_id, greedy_options)
+    captions = [caption_text(tokenizer, hypothesis.tokens) for group in hypotheses for hypothesis in group]
+    greedy_captions = None
+    if greedy_hypotheses is not None:
+        greedy_captions = [caption_text(tokenizer, group[0].tokens) for group in greedy_hypotheses]
+    return Samples(hypotheses, captions, greedy_captions)
+
+
+def sampled_loss(
+    network: torch.nn.Module,
+    features: torch.Tensor,
+    samples: Samples,
+    rewards: torch.Tensor,
+    baselines: torch.Tensor,
+    *,
+    pad_token_id: int,
+    precision: str,
+    world_size: int = 1,
+    sums: dict[str, float] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The policy-gradient loss of the samples of a batch of images (B, D), given their rewards and baselines
+    (B, K, on the CPU), and the mean reward, baseline and sample length over the samples of every rank, with
+    `sums` (figures summed over this rank's samples) as means per sample of every rank too. A collective when
+    world_size > 1: every rank calls it once a step."""
+    device = features.device
+    num_samples = rewards.shape[1]
+    tokens, mask = sampled_batch(samples.hypotheses, pad_token_id)
+    tokens, mask = tokens.to(device), mask.to(device)
+    with autocast(device, precision):
+        log_probs = token_log_probs(network, features.repeat_interleave(num_samples, dim=0), tokens, mask)
+    advantages = (rewards - baselines).flatten().to(device)
+    sums = sums or {}
+    # Sums over every rank's samples (built from numbers: the mask is on the device, the rewards on the CPU).
+    counts = [mask.sum().item(), rewards.sum().item(), baselines.sum().item(), mask.shape[0], *sums.values()]
+    totals = torch.tensor(counts, dtype=torch.float64, device=device)  # (tokens, reward, baseline, samples, sums...)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    # DDP averages the ranks' gradients: dividing by the mean token count per rank makes that average the
+    # gradient of all tokens over their number, the step one process takes at world_size times --bs.
+    loss = policy_gradient_loss(log_probs, mask, advantages, num_tokens=totals[0].float() / world_size)
+    tokens, reward_sum, baseline_sum, samples_count, *summed = totals.tolist()
+    stats = {
+        "reward": reward_sum / samples_count,
+        "baseline": baseline_sum / samples_count,
+        "sample_length": tokens / samples_count,
+    }
+    return loss, {**stats, **{name: value / samples_count for name, value in zip(sums, summed, strict=True)}}
+
+
 def scst_loss(
     model: ClipCaptionModel,
     network: torch.nn.Module,
@@ -133,40 +211,61 @@ def scst_loss(
     samples of every rank (a collective when world_size > 1: every rank calls it once a step).
 
     Sampling and the teacher-forced pass both run without dropout, so the log-probabilities are those
-    of the policy that drew the samples. Samples come from torch's global RNG (saved for --resume)."""
-    device = features.device
-    sample = DecodingOptions(method="sample", num_captions=num_samples, max_length=max_length)
-    with torch.no_grad(), autocast(device, precision):
-        conditioning = model.condition(features)
-        hypotheses = decode(model, conditioning, tokenizer.eos_token_id, sample)  # B lists of K
-        greedy = None
-        if baseline == "greedy":
-            greedy_options = DecodingOptions(method="greedy", max_length=max_length)
-            greedy = decode(model, conditioning, tokenizer.eos_token_id, greedy_options)
-    captions = [caption_text(tokenizer, hypothesis.tokens) for group in hypotheses for hypothesis in group]
+    of the policy that drew the samples."""
+    samples = sample_captions(
+        model, tokenizer, features, num_samples=num_samples, max_length=max_length,
+        greedy=baseline == "greedy", precision=precision,
+    )  # fmt: skip
     sample_ids = [image_id for image_id in image_ids for _ in range(num_samples)]
-    rewards = scorer(sample_ids, captions).view(len(image_ids), num_samples)  # (B, K)
-    if greedy is None:
+    rewards = scorer(sample_ids, samples.captions).view(len(image_ids), num_samples)  # (B, K)
+    if samples.greedy is None:
         baselines = mean_of_others(rewards)
     else:
-        greedy_captions = [caption_text(tokenizer, group[0].tokens) for group in greedy]
-        baselines = scorer(image_ids, greedy_captions).unsqueeze(1).expand_as(rewards)
-    tokens, mask = sampled_batch(hypotheses, tokenizer.pad_token_id)
-    tokens, mask = tokens.to(device), mask.to(device)
-    with autocast(device, precision):
-        log_probs = token_log_probs(network, features.repeat_interleave(num_samples, dim=0), tokens, mask)
-    advantages = (rewards - baselines).flatten().to(device)
-    # Sums over every rank's samples (built from numbers: the mask is on the device, the rewards on the CPU).
-    counts = [mask.sum().item(), rewards.sum().item(), baselines.sum().item(), mask.shape[0]]
-    totals = torch.tensor(counts, dtype=torch.float64, device=device)  # (tokens, reward sum, baseline sum, samples)
-    if world_size > 1:
-        dist.all_reduce(totals)
-    # DDP averages the ranks' gradients: dividing by the mean token count per rank makes that average the
-    # gradient of all tokens over their number, the step one process takes at world_size times --bs.
-    loss = policy_gradient_loss(log_probs, mask, advantages, num_tokens=totals[0].float() / world_size)
-    tokens, reward_sum, baseline_sum, samples = totals.tolist()
-    stats = {"reward": reward_sum / samples, "baseline": baseline_sum / samples, "sample_length": tokens / samples}
-    return loss, stats
+        baselines = scorer(image_ids, samples.greedy).unsqueeze(1).expand_as(rewards)
+    return sampled_loss(
+        network, features, samples, rewards, baselines,
+        pad_token_id=tokenizer.pad_token_id, precision=precision, world_size=world_size,
+    )  # fmt: skip
+
+
+def initial_captioner(
+    options: TrainingOptions, train_file: FeatureFile, objective_flag: str, source: str
+) -> ClipCaptionModel:
+    """The --init_from model that a sampling objective (`objective_flag`: --scst, --unpaired) fine-tunes,
+    checked against --data and --max_length; `source` names it in errors."""
+    if not options.init_from:
+        raise InputError(f"{objective_flag} needs --init_from, a checkpoint written by train.py (or its export directory)")
+    model = load_captioner(options.init_from)
+    config = model.config
+    if config.lm_in_checkpoint and config.lm_dtype != "fp32":
+        raise InputError(
+            f"--init_from {options.init_from}: its whole LM is {config.lm_dtype}, where {objective_flag}'s updates "
+            "would round away; start from the LoRA or --only_prefix checkpoint it was exported from"
+        )
+    positions, lead = context_length(model.gpt), model.positions_before_caption
+    if positions is not None and lead + options.max_length > positions:
+        raise InputError(
+            f"--max_length {options.max_length}: prefix ({lead}) plus caption exceeds the LM's {positions} positions"
+        )
+    if config.feature_dim != train_file.feature_dim:
+        raise InputError(
+            f"--data {options.data} has {train_file.feature_dim}-d features, the --init_from "
+            f"checkpoint's mapper expects {config.feature_dim}-d"
+        )
+    # Same width is not enough: features of another encoder would train silently under its name.
+    check_same_encoder(train_file, f"--data {options.data}", config.encoder, source)
+    return model
+
+
+@contextmanager
+def policy_mode(network: torch.nn.Module) -> Iterator[None]:
+    """The network without dropout, then as it was: the log-probabilities are those of the sampling policy."""
+    was_training = network.training
+    network.eval()
+    try:
+        yield
+    finally:
+        network.train(was_training)
 
 
 class Scst:
@@ -178,6 +277,7 @@ class Scst:
         "scst", "init_from", "reward", "baseline", "scst_samples", "clip_weight", "max_length", "clip_model", "clip_features",
     )  # fmt: skip
     default_warmup_steps = 0  # a constant rate from the first step
+    default_reward = "cider"
 
     def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device, precision: str):
         self.options, self.context, self.device, self.precision = options, context, device, precision
@@ -185,31 +285,12 @@ class Scst:
 
     def model_config(self, train_file: FeatureFile) -> CaptionerConfig:
         """The --init_from checkpoint's config, checked against --data."""
-        if not self.options.init_from:
-            raise InputError("--scst needs --init_from, a checkpoint written by train.py (or its export directory)")
         if self.options.baseline == "mean" and self.options.scst_samples < 2:
             raise InputError("--baseline mean needs --scst_samples of at least 2 (or use --baseline greedy)")
-        self.initial = load_captioner(self.options.init_from)
-        config = self.initial.config
-        if config.lm_in_checkpoint and config.lm_dtype != "fp32":
-            raise InputError(
-                f"--init_from {self.options.init_from}: its whole LM is {config.lm_dtype}, where SCST's updates "
-                "would round away; start from the LoRA or --only_prefix checkpoint it was exported from"
-            )
-        positions, lead = context_length(self.initial.gpt), self.initial.positions_before_caption
-        if positions is not None and lead + self.options.max_length > positions:
-            raise InputError(
-                f"--max_length {self.options.max_length}: prefix ({lead}) plus caption exceeds "
-                f"the LM's {positions} positions"
-            )
-        if config.feature_dim != train_file.feature_dim:
-            raise InputError(
-                f"--data {self.options.data} has {train_file.feature_dim}-d features, the --init_from "
-                f"checkpoint's mapper expects {config.feature_dim}-d"
-            )
-        # Same width is not enough: features of another encoder would train silently under its name.
-        check_same_encoder(train_file, f"--data {self.options.data}", config.encoder, self.model_source())
-        return config
+        if self.options.reward not in REWARDS:
+            raise InputError(f"--reward {self.options.reward}: --scst takes {', '.join(REWARDS)}")
+        self.initial = initial_captioner(self.options, train_file, "--scst", self.model_source())
+        return self.initial.config
 
     def model_source(self) -> str:
         """The --init_from checkpoint: its config, not --data, decides the features the model expects."""
@@ -251,9 +332,7 @@ class Scst:
     def loss(self, network: torch.nn.Module, batch: ImageBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """SCST's loss on a batch of images, with the mean reward, baseline and sample length of all ranks."""
         image_ids = [self.images.image_ids[index] for index in batch.indices.tolist()]
-        was_training = network.training
-        network.eval()  # no dropout: the log-probabilities are those of the sampling policy
-        try:
+        with policy_mode(network):
             return scst_loss(
                 self.model,
                 network,
@@ -267,5 +346,10 @@ class Scst:
                 precision=self.precision,
                 world_size=self.context.world_size,
             )
-        finally:
-            network.train(was_training)
+
+    def state_dict(self) -> dict:
+        """Nothing besides the model: the Trainer saves all of it."""
+        return {}
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        """Nothing to put back."""

@@ -1,6 +1,6 @@
 """Stage 2's loop: the Trainer runs a training run whatever it optimizes (device, precision, DDP or FSDP,
 the schedule, clipping, checkpoints and exact resume, evaluation, W&B, the run's lock). What one step
-means is the run's objective (stages/objectives.py: cross-entropy, SCST), a value the Trainer holds, not a
+means is the run's objective (stages/objectives.py: cross-entropy, SCST, unpaired), a value the Trainer holds, not a
 subclass of it. One step, as `Trainer.train_step` runs it:
 
     loss, figures = objective.loss(network, batch)      # the objective's loss and the figures to log
@@ -236,7 +236,8 @@ class Trainer:
         return caption_dataset(val_file, self.tokenizer, self.model, self.options.cache_dir, self.context)
 
     def _restore(self, checkpoint: dict, source: Path) -> None:
-        """Continue the saved run (its weights are already in): optimizer, schedule, loss scale, position and RNG."""
+        """Continue the saved run (its weights are already in): optimizer, schedule, loss scale, the objective's
+        state, position and RNG."""
         saved = RunPosition.from_dict(checkpoint["position"], source)
         if saved.data != self.position.data:
             raise InputError(f"--resume {source}: --data is not the feature file the saved run trained on")
@@ -247,6 +248,8 @@ class Trainer:
             checkpoint, source, self.optimizer, self.scheduler, self.scaler, self.device, self.context, load_optimizer
         )
         check_counters(saved, source, self.options.epochs, self.steps_per_epoch)
+        # Runs saved before objectives had a state hold none: theirs had nothing beyond the model.
+        self.objective.load_state_dict(checkpoint.get("objective", {}), str(source))
         self.position = saved
         self.last_saved = source
 
@@ -474,6 +477,7 @@ class Trainer:
             options=self.identity(),
             runtime=self.runtime,
             rng=rng,
+            objective=self.objective.state_dict(),
         )
         self.last_saved = self.files.latest
 

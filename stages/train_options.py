@@ -11,21 +11,27 @@ from models.device import DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from models.encoders import DINOV2_MODELS
 from models.lm import lora_targets, pretrained_lm_config
 from models.mappers import MAPPERS
-from stages.rewards import BASELINES, REWARDS
+from stages.rewards import BASELINES, REWARDS, UNPAIRED_REWARDS
 from stages.tracking import TRACKING_GROUP, TrackingOptions
 
 GROUPS = {
     "clipcap": "ClipCap's flags",
     "ours": "this repo's flags",
-    "scst": "SCST: self-critical fine-tuning of a train.py checkpoint (Stage 2b)",
+    "scst": "SCST: self-critical fine-tuning of a train.py checkpoint (Stage 2b); the first six also --unpaired's",
+    "unpaired": "unpaired adversarial training with a CLIP reward (CgT-GAN): images and a sentence corpus, never paired",
     **TRACKING_GROUP,
 }
-# Flags given where they do not apply are usage errors. "model": under --scst the --init_from checkpoint's
-# config decides the model; "scst": SCST's own; "prefix_mapper": the prefix mappers' (xattn has none);
+# Flags given where they do not apply are usage errors. "model": under --scst and --unpaired the --init_from
+# checkpoint's config decides the model; "sampling": theirs (both sample captions from --init_from); "scst",
+# "unpaired": each one's own; "prefix_mapper": the prefix mappers' (xattn has none).
 # "cross_entropy": the cross-entropy objective's own.
 USAGE_RULES = (
     UsageRule("model", lambda options: options.scst, "--scst takes the model from --init_from's config; do not give {flags}"),
+    UsageRule("model", lambda options: options.unpaired, "--unpaired takes the model from --init_from's config; do not give {flags}"),
+    UsageRule("sampling", lambda options: not (options.scst or options.unpaired), "{flags}: only with --scst or --unpaired"),
     UsageRule("scst", lambda options: not options.scst, "{flags}: only with --scst"),
+    UsageRule("unpaired", lambda options: not options.unpaired, "{flags}: only with --unpaired"),
+    UsageRule("one_objective", lambda options: options.scst, "{flags}: not with --scst (give one of them)"),
     UsageRule("prefix_mapper", lambda options: options.mapping_type == "xattn", "{flags}: --mapping_type xattn has no prefix mapper"),
     UsageRule("lora", lambda options: options.lora_r == 0, "{flags}: only with --lora_r (LoRA adapters)"),
     UsageRule("cross_entropy", lambda options: options.objective != "cross_entropy", "{flags}: cross-entropy training only"),
@@ -60,7 +66,7 @@ class TrainingOptions(TrackingOptions):
     )
     batch_size: int = option(
         40,
-        "captions per batch (per process under torchrun); images per batch under --scst",
+        "captions per batch (per process under torchrun); images per batch under --scst and --unpaired",
         flag="bs",
         minimum=1,
         group="clipcap",
@@ -173,10 +179,10 @@ class TrainingOptions(TrackingOptions):
     lr: float = option(2e-5, "peak AdamW learning rate", positive=True, group="ours")
     warmup_steps: int | None = option(
         None,
-        "warmup steps of the learning rate: linear, then linear decay to 0 (cross-entropy); under --scst a "
-        "constant rate after them",
+        "warmup steps of the learning rate: linear, then linear decay to 0 (cross-entropy); under --scst and "
+        "--unpaired a constant rate after them",
         minimum=0,
-        shown_default="5000 for cross-entropy, as ClipCap; 0 under --scst",
+        shown_default="5000 for cross-entropy, as ClipCap; 0 under --scst and --unpaired",
         group="ours",
     )
     weight_decay: float = option(0.0, "AdamW weight decay (ClipCap: 0)", minimum=0, group="ours")
@@ -246,9 +252,17 @@ class TrainingOptions(TrackingOptions):
         None,
         "the train.py checkpoint (or export.py directory) to start from: its config decides the model",
         group="scst",
-        usage=("scst",),
+        usage=("sampling",),
     )
-    reward: str = option("cider", "cider (CIDEr-D), clip (CLIP-S) or their sum", choices=list(REWARDS), group="scst", usage=("scst",))
+    reward: str | None = option(
+        None,
+        "--scst: cider (CIDEr-D), clip (CLIP-S) or cider+clip; --unpaired: clip (CgT-GAN's CLIP score against the "
+        "image), clip_agg (against the image's CLIP-agg of the corpus), adv (the discriminator's) or clip_agg+adv",
+        choices=list(dict.fromkeys([*REWARDS, *UNPAIRED_REWARDS])),
+        shown_default="cider under --scst, clip_agg+adv under --unpaired",
+        group="scst",
+        usage=("sampling",),
+    )
     baseline: str = option(
         "mean",
         "mean of the image's other samples, or its greedy caption's",
@@ -256,23 +270,64 @@ class TrainingOptions(TrackingOptions):
         group="scst",
         usage=("scst",),
     )
-    scst_samples: int = option(5, "captions sampled per image", minimum=1, group="scst", usage=("scst",))
-    max_length: int = option(20, "most tokens a sampled caption has", minimum=1, group="scst", usage=("scst",))
+    scst_samples: int = option(5, "captions sampled per image", minimum=1, group="scst", usage=("sampling",))
+    max_length: int = option(20, "most tokens a sampled caption has", minimum=1, group="scst", usage=("sampling",))
     clip_model: str | None = option(
-        None, "CLIP name, id or directory with both towers (clip rewards)", group="scst", usage=("scst",)
+        None, "CLIP name, id or directory with both towers (clip rewards)", group="scst", usage=("sampling",)
     )
     clip_features: str | None = option(
         None,
         "parse_coco_clip.py features of --clip_model over --data's images, when --data holds other features",
         group="scst",
-        usage=("scst",),
+        usage=("sampling",),
     )
     clip_weight: float = option(1.0, "weight of CLIP-S in --reward cider+clip", group="scst", usage=("scst",))
+    unpaired: bool = option(
+        False,
+        "fine-tune --init_from (a text-only model) on --data's images and the --corpus sentences, never paired: "
+        "SCST's sampler, greedy baseline and loss, a CLIP reward and a discriminator's",
+        group="unpaired",
+        usage=("fsdp", "one_objective"),
+    )
+    corpus: str | None = option(
+        None,
+        "the sentence corpus: parse_corpus.py features (modality text) of --clip_model's text tower; its "
+        "sentences are the discriminator's real text and the CLIP-agg target's memory",
+        group="unpaired",
+        usage=("unpaired",),
+    )
+    discriminator: str = option(
+        "roberta-base",
+        "the discriminator's text encoder: a transformers id or directory of any encoder and its tokenizer (an "
+        "MLP head on its first token gives the logit)",
+        metavar="ID_OR_DIR",
+        group="unpaired",
+        usage=("unpaired",),
+    )
+    reward_weight: float = option(
+        0.5,
+        "--reward clip_agg+adv: the CLIP reward's final weight lambda, in [0, 1] (the adversarial reward has 1 - lambda)",
+        minimum=0,
+        group="unpaired",
+        usage=("unpaired",),
+    )
+    gan_steps: int = option(
+        150, "--reward clip_agg+adv: steps of the adversarial reward alone (lambda 0)", minimum=0, group="unpaired",
+        usage=("unpaired",),
+    )  # fmt: skip
+    gan_warm_steps: int = option(
+        1000,
+        "--reward clip_agg+adv: steps over which lambda then rises linearly to --reward_weight",
+        minimum=0,
+        group="unpaired",
+        usage=("unpaired",),
+    )
+    disc_lr: float = option(1e-5, "the discriminator's AdamW learning rate", positive=True, group="unpaired", usage=("unpaired",))
 
     @property
     def objective(self) -> str:
         """What the run optimizes: its name in stages/objectives.py's registry."""
-        return "scst" if self.scst else "cross_entropy"
+        return "unpaired" if self.unpaired else "scst" if self.scst else "cross_entropy"
 
 
 def captioner_config(options: TrainingOptions, features: FeatureFile) -> CaptionerConfig:

@@ -183,7 +183,7 @@ def test_errors_are_one_line(tmp_path, data, checkpoint, capsys, clip_features):
     code, err = run_error(capsys, [*scst_args(data, checkpoint, out_dir), "--prefix_length", "4"])
     assert code == 2 and "--scst takes the model from --init_from's config; do not give --prefix_length" in err
     code, err = run_error(capsys, train_args(data, out_dir, checkpoint, "--reward", "clip"))
-    assert code == 2 and err.endswith("--reward: only with --scst")
+    assert code == 2 and err.endswith("--reward: only with --scst or --unpaired")
     without_init = scst_args(data, checkpoint, out_dir)[3:]  # "--scst", "--init_from", PATH dropped
     cases = [
         (["--scst", *without_init], "--scst needs --init_from"),
