@@ -26,11 +26,11 @@ DEFAULT_K = 4  # SmallCap's
 SEARCH_BATCH = 1024  # images per faiss search
 
 
-def query_embeddings(features: FeatureFile) -> object:
+def query_embeddings(features: FeatureFile, source: str) -> object:
     """The rows to search with: a pooled file's own (N, D) CLIP image embeddings."""
     if features.token_count is not None:
         raise InputError(
-            "retrieval needs one pooled CLIP image embedding per image; this feature file holds patch tokens "
+            f"{source}: retrieval needs one pooled CLIP image embedding per image; this feature file holds patch tokens "
             "(extract an image_embeds file of the same images)"
         )
     return features.embeddings
@@ -90,8 +90,8 @@ def retrieve_captions(
     from the features' CLIP: one InputError line otherwise, naming `source`."""
     if k < 1:
         raise InputError(f"--retrieval_k {k}: must be at least 1")
+    query = query_embeddings(features, source)  # first: a patch-token file's encoder differs by its feature type
     check_same_encoder(features, source, datastore.encoder, f"the datastore {datastore.directory}")
-    query = query_embeddings(features)
     shape = (len(query), k)
     path = cache_path(cache_dir or default_cache_dir(), features, datastore, k, exclude_own)
     if (cached := _read_cache(path, shape, len(datastore))) is not None:

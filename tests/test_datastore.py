@@ -14,6 +14,7 @@ import parse_coco_clip
 from data.annotations import read_annotations
 from data.datastore import Datastore, IndexParams, build_index, read_datastore
 from data.errors import InputError
+from data.features import FeatureFile
 from data.retrieval import cache_path, retrieve_captions
 from data.store import read_features
 from models.tiny import save_tiny_clip_model
@@ -190,3 +191,12 @@ def test_build_refuses_bad_sources_and_outputs(synthetic, setup, tmp_path):
     (tmp_path / "other" / "keep.txt").write_text("mine")
     with pytest.raises(InputError, match="not a datastore"):
         build(tmp_path / "other", synthetic["clip"], "--features", str(setup["features"]), "--overwrite")
+
+
+def test_a_patch_token_file_is_refused_in_one_line(setup, tmp_path):
+    pooled = read_features(setup["features"])
+    tokens = FeatureFile(pooled.embeddings[:, None].expand(-1, 5, -1), pooled.captions,
+                         {**pooled.meta, "encoder": {**pooled.meta["encoder"], "feature_type": "patch_tokens"}})  # fmt: skip
+    with pytest.raises(InputError, match="holds patch tokens") as error:
+        retrieve_captions(tokens, read_datastore(setup["store"]), cache_dir=tmp_path, source="--features x.pkl")
+    assert str(error.value).startswith("--features x.pkl: ") and "\n" not in str(error.value)
