@@ -127,6 +127,12 @@ def read_corpus(
         raise InputError(
             f"--split {split}: only a Karpathy annotation file has splits, --corpus {path} is {corpus_format}"
         )
+    return clean_sentences(raw, corpus_format, max_chars, f"--corpus {path}")
+
+
+def clean_sentences(raw: list[Any], corpus_format: str, max_chars: int, where: str) -> Corpus:
+    """The unique good sentences of `raw` (stripped, first appearance kept), with the counts of those left out;
+    none left is an InputError naming `where`."""
     skipped: collections.Counter = collections.Counter()
     unique: dict[str, None] = {}
     for sentence in raw:
@@ -138,7 +144,7 @@ def read_corpus(
             unique.setdefault(sentence)
     kept = len(raw) - sum(skipped.values())
     if not unique:
-        raise InputError(f"--corpus {path}: no usable sentence ({_describe_skipped(dict(skipped))})")
+        raise InputError(f"{where}: no usable sentence ({_describe_skipped(dict(skipped))})")
     return Corpus(list(unique), corpus_format, dict(skipped), kept - len(unique))
 
 
