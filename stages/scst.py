@@ -228,33 +228,46 @@ def scst_loss(
     )  # fmt: skip
 
 
-def initial_captioner(
-    options: TrainingOptions, train_file: FeatureFile, objective_flag: str, source: str
-) -> ClipCaptionModel:
-    """The --init_from model that a sampling objective (`objective_flag`: --scst, --unpaired) fine-tunes,
-    checked against --data and --max_length; `source` names it in errors."""
-    if not options.init_from:
-        raise InputError(f"{objective_flag} needs --init_from, a checkpoint written by train.py (or its export directory)")
-    model = load_captioner(options.init_from)
-    config = model.config
-    if config.lm_in_checkpoint and config.lm_dtype != "fp32":
-        raise InputError(
-            f"--init_from {options.init_from}: its whole LM is {config.lm_dtype}, where {objective_flag}'s updates "
-            "would round away; start from the LoRA or --only_prefix checkpoint it was exported from"
-        )
-    positions, lead = context_length(model.gpt), model.positions_before_caption
-    if positions is not None and lead + options.max_length > positions:
-        raise InputError(
-            f"--max_length {options.max_length}: prefix ({lead}) plus caption exceeds the LM's {positions} positions"
-        )
-    if config.feature_dim != train_file.feature_dim:
-        raise InputError(
-            f"--data {options.data} has {train_file.feature_dim}-d features, the --init_from "
-            f"checkpoint's mapper expects {config.feature_dim}-d"
-        )
-    # Same width is not enough: features of another encoder would train silently under its name.
-    check_same_encoder(train_file, f"--data {options.data}", config.encoder, source)
-    return model
+class StartingCaptioner:
+    """The --init_from captioner a sampling objective (SCST, unpaired training) fine-tunes: loaded once to read
+    its config, checked against --data and --max_length, then handed to the Trainer as its model."""
+
+    def __init__(self, options: TrainingOptions, objective_flag: str):
+        self.options, self.objective_flag = options, objective_flag
+        self.source = f"the --init_from checkpoint {options.init_from}"  # its config, not --data, decides the features
+        self.model: ClipCaptionModel | None = None
+
+    def load(self, train_file: FeatureFile) -> CaptionerConfig:
+        """Load the captioner and check it against --data; its config."""
+        options, flag = self.options, self.objective_flag
+        if not options.init_from:
+            raise InputError(f"{flag} needs --init_from, a checkpoint written by train.py (or its export directory)")
+        model = load_captioner(options.init_from)
+        config = model.config
+        if config.lm_in_checkpoint and config.lm_dtype != "fp32":
+            raise InputError(
+                f"--init_from {options.init_from}: its whole LM is {config.lm_dtype}, where {flag}'s updates "
+                "would round away; start from the LoRA or --only_prefix checkpoint it was exported from"
+            )
+        positions, lead = context_length(model.gpt), model.positions_before_caption
+        if positions is not None and lead + options.max_length > positions:
+            raise InputError(
+                f"--max_length {options.max_length}: prefix ({lead}) plus caption exceeds the LM's {positions} positions"
+            )
+        if config.feature_dim != train_file.feature_dim:
+            raise InputError(
+                f"--data {options.data} has {train_file.feature_dim}-d features, the --init_from "
+                f"checkpoint's mapper expects {config.feature_dim}-d"
+            )
+        # Same width is not enough: features of another encoder would train silently under its name.
+        check_same_encoder(train_file, f"--data {options.data}", config.encoder, self.source)
+        self.model = model
+        return config
+
+    def take(self) -> ClipCaptionModel:
+        """The loaded captioner, in train mode (a frozen LM stays frozen); this holds it no longer."""
+        model, self.model = self.model, None
+        return model.train()
 
 
 @contextmanager
@@ -281,7 +294,7 @@ class Scst:
 
     def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device, precision: str):
         self.options, self.context, self.device, self.precision = options, context, device, precision
-        self.initial: ClipCaptionModel | None = None  # loaded to read its config, then trained
+        self.start = StartingCaptioner(options, "--scst")
 
     def model_config(self, train_file: FeatureFile) -> CaptionerConfig:
         """The --init_from checkpoint's config, checked against --data."""
@@ -289,17 +302,13 @@ class Scst:
             raise InputError("--baseline mean needs --scst_samples of at least 2 (or use --baseline greedy)")
         if self.options.reward not in REWARDS:
             raise InputError(f"--reward {self.options.reward}: --scst takes {', '.join(REWARDS)}")
-        self.initial = initial_captioner(self.options, train_file, "--scst", self.model_source())
-        return self.initial.config
+        return self.start.load(train_file)
 
     def model_source(self) -> str:
-        """The --init_from checkpoint: its config, not --data, decides the features the model expects."""
-        return f"the --init_from checkpoint {self.options.init_from}"
+        return self.start.source
 
     def build_model(self, config: CaptionerConfig) -> ClipCaptionModel:
-        """The --init_from model, in train mode (a frozen LM stays frozen)."""
-        model, self.initial = self.initial, None
-        return model.train()
+        return self.start.take()
 
     def training_data(
         self, train_file: FeatureFile, tokenizer: PreTrainedTokenizerBase, model: ClipCaptionModel

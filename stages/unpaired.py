@@ -28,8 +28,8 @@ from stages.rewards import REWARD_TERMS, UNPAIRED_REWARDS, RewardInputs, RewardT
 from stages.scst import (
     ImageBatch,
     ImageRows,
+    StartingCaptioner,
     collate_images,
-    initial_captioner,
     policy_mode,
     sample_captions,
     sampled_loss,
@@ -89,7 +89,7 @@ class Unpaired:
 
     def __init__(self, options: TrainingOptions, context: DistributedContext, device: torch.device, precision: str):
         self.options, self.context, self.device, self.precision = options, context, device, precision
-        self.initial: ClipCaptionModel | None = None  # loaded to read its config, then trained
+        self.start = StartingCaptioner(options, "--unpaired")
         self.step = 0  # this objective's steps: lambda_t's t
         self.clip_term: RewardTerm | None = None
         self.discriminator: TextDiscriminator | None = None
@@ -101,17 +101,13 @@ class Unpaired:
         if self.options.reward_weight > 1:
             raise InputError(f"--reward_weight {self.options.reward_weight}: must be at most 1")
         self.corpus = read_corpus(self.options.corpus)
-        self.initial = initial_captioner(self.options, train_file, "--unpaired", self.model_source())
-        return self.initial.config
+        return self.start.load(train_file)
 
     def model_source(self) -> str:
-        """The --init_from checkpoint: its config, not --data, decides the features the model expects."""
-        return f"the --init_from checkpoint {self.options.init_from}"
+        return self.start.source
 
     def build_model(self, config: CaptionerConfig) -> ClipCaptionModel:
-        """The --init_from model, in train mode (a frozen LM stays frozen)."""
-        model, self.initial = self.initial, None
-        return model.train()
+        return self.start.take()
 
     def training_data(
         self, train_file: FeatureFile, tokenizer: PreTrainedTokenizerBase, model: ClipCaptionModel
