@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as `python bench/bench_lm.py`
 
 from bench.bench_train import make_batches  # noqa: E402
-from bench.child import peak_mib, run_variant_process  # noqa: E402
+from bench.child import peak_mib, print_run_header, run_variant_process  # noqa: E402
 from data.captions import CaptionCollator  # noqa: E402
 from data.errors import exit_on_input_error  # noqa: E402
 from models.captioner import ClipCaptionModel  # noqa: E402
@@ -184,8 +184,7 @@ def main(args: argparse.Namespace) -> None:
         print(json.dumps(run_variant(args)))
         return
     device = resolve_device(args.device)
-    print(json.dumps({key: value for key, value in vars(args).items() if key != "variant"}), flush=True)
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'}")
+    print_run_header(args, device)
     units = {"train": "samples/s", "greedy": "captions/s", "beam": "captions/s"}
     print(f"{'task':<8}{'architecture':<14}{'LM params':>11}{'rate':>10}  {'unit':<12}{'peak MiB':>9}")
     for task in args.tasks.split(","):

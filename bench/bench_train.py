@@ -25,7 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_w
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as `python bench/bench_train.py`
 
-from bench.child import run_variant_process  # noqa: E402
+from bench.child import print_run_header, run_variant_process  # noqa: E402
 from bench.clipcap_reference import ClipCaptionModel as ClipCapModel  # noqa: E402
 from bench.clipcap_reference import ClipCaptionPrefix, clipcap_train_step, max_seq_len, pad_tokens  # noqa: E402
 from data.captions import CaptionCollator  # noqa: E402
@@ -156,10 +156,7 @@ def main(args: argparse.Namespace) -> None:
         return
     device = resolve_device(args.device)
     precisions = ["fp32", resolve_precision(None, device)] if device.type == "cuda" else ["fp32"]
-    print(json.dumps({key: value for key, value in vars(args).items() if key != "variant"}), flush=True)
-    print(
-        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'}"
-    )
+    print_run_header(args, device)
     header = f"{'mode':<12}{'implementation':<16}{'precision':<10}{'pad len':>8}{'samples/s':>11}{'s/step':>9}{'peak MiB':>10}{'speedup':>9}"
     print(header)
     for mode in args.modes.split(","):

@@ -24,7 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench_xattn.py`
 
 from bench.bench_train import caption_lengths  # noqa: E402
-from bench.child import peak_mib, run_variant_process  # noqa: E402
+from bench.child import peak_mib, print_run_header, run_variant_process  # noqa: E402
 from data.captions import CaptionCollator  # noqa: E402
 from data.errors import exit_on_input_error  # noqa: E402
 from models.captioner import ClipCaptionModel  # noqa: E402
@@ -144,8 +144,7 @@ def main(args: argparse.Namespace) -> None:
         print(json.dumps(run_variant(args)))
         return
     device = resolve_device(args.device)
-    print(json.dumps({key: value for key, value in vars(args).items() if key != "variant"}), flush=True)
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    print_run_header(args, device)
     print(
         f"{'task':<8}{'design':<8}{'precision':<10}{'per s':>10}{'s/batch':>9}{'model MiB':>11}{'peak MiB':>10}"
         f"{'trainable':>12}{'vs mlp':>8}"
