@@ -189,7 +189,8 @@ def test_each_reward_adds_up_its_terms_with_clip_weight_in_cider_plus_clip_only(
     def reward(name: str) -> torch.Tensor:
         return RewardScorer(name, train_file, "train.pkl", clip_model=scorer.name, clip_weight=0.5)(image_ids, captions)
 
-    assert set(REWARDS) == {"cider", "clip", "cider+clip"} and set(REWARD_TERMS) == {"cider", "clip"}
+    assert set(REWARDS) == {"cider", "clip", "cider+clip"}
+    assert set(REWARD_TERMS) == {"cider", "clip", "clip_image", "clip_agg"}  # the last two: --unpaired's
     torch.testing.assert_close(reward("cider"), cider)
     torch.testing.assert_close(reward("clip"), clip_s)  # weight 1: --clip_weight is cider+clip's
     torch.testing.assert_close(reward("cider+clip"), cider + 0.5 * clip_s)
