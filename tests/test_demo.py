@@ -219,8 +219,8 @@ def test_constant_caption_is_the_most_common_training_caption(tmp_path):
     ]
 
 
-# The --unpaired demo at its smallest: 200 training images, a short alignment, no SCST (about 3 minutes, most of
-# it the start of 15 processes).
+# The --unpaired demo at its smallest: 200 training images, a short alignment, no SCST (131 s on the loaded 2-core
+# CPU, much of it the start of 15 processes).
 SMALL_UNPAIRED_DEMO = [
     *("--unpaired", "--num_train", "200", "--num_val", "20", "--num_test", "40", "--align_epochs", "3"),
     *("--epochs", "2", "--eval_every", "2", "--bs", "16", "--scst_epochs", "0", "--unpaired_epochs", "1"),
