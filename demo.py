@@ -53,9 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scst_epochs", type=int, default=1, help="SCST epochs after the cross-entropy training (0: no SCST stage)"
     )
-    parser.add_argument("--scst_bs", type=int, default=32, help="images per SCST (and --unpaired) batch (5 captions sampled each)")
     parser.add_argument(
-        "--scst_lr", type=float, default=None, help="SCST (and --unpaired) learning rate (default: 1e-4, 1e-5 with --pretrained)"
+        "--scst_bs", type=int, default=32, help="images per SCST (and --unpaired) batch (5 captions sampled each)"
+    )
+    parser.add_argument(
+        "--scst_lr",
+        type=float,
+        default=None,
+        help="SCST (and --unpaired) learning rate (default: 1e-4, 1e-5 with --pretrained)",
     )
     parser.add_argument(
         "--align_epochs",

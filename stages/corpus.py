@@ -101,7 +101,8 @@ def run_corpus(args: argparse.Namespace) -> FeatureFile | None:
     print(f"--corpus {args.corpus}: {describe_corpus(corpus)}")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    spec = image_spec_of_clip(args.clip_model_type, args.image_encoder)  # also refuses a model that is not a CLIP, before the towers load
+    # Also refuses a model that is not a CLIP, or an encoder of another space, before the towers load.
+    spec = image_spec_of_clip(args.clip_model_type, args.image_encoder)
     scorer = ClipScorer(args.clip_model_type, device, args.batch_size, purpose="parse_corpus.py")
     embedder = SentenceEmbedder(scorer, precision, len(corpus.sentences), args.batch_size)
     count = len(corpus.sentences)
