@@ -6,6 +6,7 @@ CIDEr, before and after shown.
 
     python demo.py                       # about 4 minutes on 2 CPU cores, no download
     python demo.py --align_epochs 0      # extract with the random tiny ViT instead: it cannot see shape
+    python demo.py --unpaired            # also text-only (CapDec, DeCap) and unpaired (CgT-GAN) routes
     python demo.py --pretrained          # ViT-B/32, gpt2 and a ResNet-50 from the hub instead
 """
 
@@ -52,9 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scst_epochs", type=int, default=1, help="SCST epochs after the cross-entropy training (0: no SCST stage)"
     )
-    parser.add_argument("--scst_bs", type=int, default=32, help="images per SCST batch (5 captions sampled each)")
     parser.add_argument(
-        "--scst_lr", type=float, default=None, help="SCST learning rate (default: 1e-4, 1e-5 with --pretrained)"
+        "--scst_bs", type=int, default=32, help="images per SCST (and --unpaired) batch (5 captions sampled each)"
+    )
+    parser.add_argument(
+        "--scst_lr",
+        type=float,
+        default=None,
+        help="SCST (and --unpaired) learning rate (default: 1e-4, 1e-5 with --pretrained)",
     )
     parser.add_argument(
         "--align_epochs",
@@ -79,6 +85,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=DEFAULT_METRICS,
         help="metric groups evaluate.py computes (CIDEr, which the bar compares, is always included)",
     )
+    parser.add_argument(
+        "--unpaired",
+        action="store_true",
+        help="also learn without pairs (docs/demo.md): text-only on the training captions (with and without DeCap's "
+        "memory), then train.py --unpaired with the images of one half and the captions of the other; one line per route",
+    )
+    parser.add_argument("--unpaired_epochs", type=int, default=2, help="--unpaired: epochs of train.py --unpaired")
+    parser.add_argument(
+        "--gan_steps", type=int, default=10, help="--unpaired: steps of the adversarial reward alone (lambda 0)"
+    )
+    parser.add_argument(
+        "--gan_warm_steps", type=int, default=30, help="--unpaired: steps over which lambda then rises to 0.5"
+    )
+    parser.add_argument("--disc_lr", type=float, default=1e-4, help="--unpaired: the discriminator's learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic set, the tiny models and training")
     return parser.parse_args(argv)
 

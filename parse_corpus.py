@@ -33,6 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"a whole CLIP (both towers): {', '.join(CLIP_MODELS)}, or a transformers id or local directory "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--image_encoder",
+        help="the image side the corpus stands in for: a train_clip.py encoder directory aligned to --clip_model_type's "
+        "frozen text tower (default: --clip_model_type's own vision tower); the meta records its spec, so a captioner "
+        "trained on the corpus captions that encoder's features",
+    )
     parser.add_argument("--output_file", required=True, help="the feature pickle, or the store directory (shards)")
     parser.add_argument(
         "--output_format",

@@ -340,3 +340,15 @@ def write_feature_file(path: str | os.PathLike, features: FeatureFile) -> None:
     }
     with atomic_write(Path(path)) as handle:
         pickle.dump(content, handle, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def select_images(features: FeatureFile, image_ids: set) -> FeatureFile:
+    """The rows of `image_ids` (in file order) and their captions, rows renumbered; the meta kept, its counts
+    updated."""
+    captions = [caption for caption in features.captions if caption["image_id"] in image_ids]
+    old_rows = sorted({caption[FEATURES_KEY] for caption in captions})
+    new_row = {old: new for new, old in enumerate(old_rows)}
+    embeddings = torch.as_tensor(np.asarray(features.embeddings[old_rows]))  # (n, D) of the kept images
+    captions = [{**caption, FEATURES_KEY: new_row[caption[FEATURES_KEY]]} for caption in captions]
+    counts = {"num_images": len(old_rows), "num_captions": len(captions)}
+    return FeatureFile(embeddings, captions, {**features.meta, **counts})

@@ -148,6 +148,16 @@ def is_aligned_dir(path: str | os.PathLike) -> bool:
         return False
 
 
+def aligned_text_space(directory: str) -> str | None:
+    """The CLIP (as ClipScorer names it) whose frozen text tower the encoder at `directory` was aligned to: its
+    embeddings live in that tower's space. None when it is not an aligned directory, its text tower was trained
+    (--train_text: the space moved), or it records none (written before train_clip.py recorded it)."""
+    if not is_aligned_dir(directory):
+        return None
+    source = json.loads((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8")).get("source")
+    return source.get("text_space") if isinstance(source, dict) else None
+
+
 def save_aligned_encoder(directory: str | os.PathLike, model: AlignedImageEncoder) -> Path:
     """Weights (safetensors) and config, each written atomically; the config last, so a directory whose
     config names it aligned has its weights."""

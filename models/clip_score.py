@@ -11,6 +11,7 @@ from transformers.utils import logging as transformers_logging
 
 from data.errors import InputError, first_line
 from data.features import FeatureFile
+from models.aligned import aligned_text_space
 from models.encoders import CLIP_MODELS
 
 CLIP_S_WEIGHT = 2.5  # w in CLIP-S = w * max(cos, 0): stretches the scores over about [0, 1]
@@ -59,8 +60,7 @@ class ClipScorer:
         self.device = torch.device(device)
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.batch_size = batch_size
-        # How feature files record this model (models.encoders resolves a directory to its absolute path).
-        self.name = str(Path(model_id).resolve()) if Path(model_id).is_dir() else model_id
+        self.name = clip_name(model_id)
         self.max_tokens = self.model.config.text_config.max_position_embeddings  # 77 for OpenAI's models
         self.text_encoder = ClipTextEncoder(self.model)
 
@@ -109,9 +109,17 @@ class ClipScorer:
         return clip_s, 2 * clip_s * reference_s / total
 
 
-def holds_image_embeds_of(features: FeatureFile, clip_name: str) -> bool:
-    """Whether a feature file holds the image_embeds of the CLIP model `clip_name` (resolved as ClipScorer does)."""
+def clip_name(model_id: str) -> str:
+    """How feature files record a CLIP model: a directory by its absolute path (as models.encoders resolves it)."""
+    return str(Path(model_id).resolve()) if Path(model_id).is_dir() else model_id
+
+
+def holds_image_embeds_of(features: FeatureFile, name: str) -> bool:
+    """Whether a feature file holds image embeddings in the space of the CLIP model `name` (resolved as ClipScorer
+    does): its image_embeds, or a train_clip.py encoder's, aligned to its frozen text tower."""
     encoder = features.meta.get("encoder")
-    return (
-        isinstance(encoder, dict) and encoder.get("name") == clip_name and encoder.get("feature_type") == "image_embeds"
-    )
+    if not isinstance(encoder, dict):
+        return False
+    if encoder.get("family") == "aligned":
+        return aligned_text_space(str(encoder.get("name"))) == name
+    return encoder.get("name") == name and encoder.get("feature_type") == "image_embeds"

@@ -20,7 +20,7 @@ from data.captions import check_captions_have_tokens, tokenizer_fingerprint
 from data.embedding_cache import cache_path, read_cached_embeddings, write_cached_embeddings
 from data.errors import InputError
 from models.aligned import RESNET50_WIDTH, AlignedConfig, AlignedImageEncoder, HubTower, ResNetTower, TinyCNN
-from models.clip_score import ClipScorer
+from models.clip_score import ClipScorer, clip_name
 from models.encoders import load_encoder
 
 # Towers built here; any other --image_encoder goes to load_encoder (CLIP vision towers, DINOv2).
@@ -96,6 +96,8 @@ def build_image_side(args: argparse.Namespace, text_dim: int) -> tuple[AlignedIm
             "image_encoder": args.image_encoder,
             "pretrained": not args.no_pretrained,
             "text_encoder": args.text_encoder,
+            # Where its embeddings live: the frozen text tower's space (models.aligned.aligned_text_space).
+            "text_space": None if args.train_text else clip_name(args.text_encoder),
         },
     )
     return AlignedImageEncoder(config, tower), settings

@@ -3,7 +3,8 @@ embeddings, for text-only training (CapDec, DeCap) and DeCap's memory at inferen
 
 Each unique sentence is embedded once by the CLIP text tower (the projected `text_embeds`, not normalized, as
 image extraction keeps `image_embeds`) and is both a row and its one caption (image_id = the row). The meta
-records `modality: "text"` and, as `encoder`, the spec an image extraction with the same CLIP records: a
+records `modality: "text"` and, as `encoder`, the spec an image extraction with the same CLIP records (or with
+--image_encoder, with a train_clip.py encoder aligned to its frozen text tower): a
 captioner trained on these rows captions that CLIP's image embeddings, and check_same_encoder matches them."""
 
 import argparse
@@ -20,7 +21,8 @@ from data.corpus import Corpus, describe_corpus, read_corpus
 from data.errors import InputError
 from data.features import FEATURES_KEY, TEXT_MODALITY, FeatureFile, write_feature_file
 from data.store import FEATURE_DTYPES, check_store_output, clear_store, write_store
-from models.clip_score import ClipScorer
+from models.aligned import aligned_text_space
+from models.clip_score import ClipScorer, clip_name
 from models.device import autocast, resolve_device, resolve_precision
 from models.encoders import load_encoder
 from stages.train_options import TrainingOptions
@@ -29,9 +31,20 @@ from stages.train_options import TrainingOptions
 MAX_CAPTION_CHARS = next(f.default for f in dataclasses.fields(TrainingOptions) if f.name == "max_caption_chars")
 
 
-def image_spec_of_clip(clip_model_type: str) -> dict:
-    """The encoder spec an image extraction with this CLIP records (parse_coco_clip.py's image_embeds)."""
-    encoder, _ = load_encoder(clip_model_type, family="clip", feature_type="image_embeds")
+def image_spec_of_clip(clip_model_type: str, image_encoder: str | None = None) -> dict:
+    """The encoder spec an image extraction records for the image side of this CLIP's text: its own image_embeds
+    (parse_coco_clip.py), or with `image_encoder` that train_clip.py encoder's, refused unless it was aligned to
+    this CLIP's frozen text tower."""
+    if image_encoder is None:
+        encoder, _ = load_encoder(clip_model_type, family="clip", feature_type="image_embeds")
+        return encoder.spec.to_dict()
+    encoder, _ = load_encoder(image_encoder, family="aligned")
+    space, clip = aligned_text_space(image_encoder), clip_name(clip_model_type)
+    if space != clip:
+        raise InputError(
+            f"--image_encoder {image_encoder}: aligned to {space or 'a trained or unrecorded text tower'}, not to the "
+            f"frozen text tower of --clip_model_type {clip_model_type}"
+        )
     return encoder.spec.to_dict()
 
 
@@ -88,7 +101,8 @@ def run_corpus(args: argparse.Namespace) -> FeatureFile | None:
     print(f"--corpus {args.corpus}: {describe_corpus(corpus)}")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    spec = image_spec_of_clip(args.clip_model_type)  # also refuses a model that is not a CLIP, before the towers load
+    # Also refuses a model that is not a CLIP, or an encoder of another space, before the towers load.
+    spec = image_spec_of_clip(args.clip_model_type, args.image_encoder)
     scorer = ClipScorer(args.clip_model_type, device, args.batch_size, purpose="parse_corpus.py")
     embedder = SentenceEmbedder(scorer, precision, len(corpus.sentences), args.batch_size)
     count = len(corpus.sentences)

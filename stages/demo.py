@@ -22,6 +22,7 @@ from data.predictions import write_coco_results
 from data.references import read_predictions
 from data.synthetic import DATASET_FILE, SPLITS, attribute_accuracy, chance_levels, generate_dataset, read_scenes
 from models.tiny import save_tiny_clip, save_tiny_clip_model, save_tiny_gpt2
+from stages.demo_unpaired import format_routes, run_unpaired_routes
 from stages.evaluate import DISPLAY_NAMES
 from stages.train_clip import format_retrieval_table
 
@@ -67,6 +68,11 @@ class DemoOptions:
     decode: str
     metrics: list[str]
     seed: int
+    unpaired: bool
+    unpaired_epochs: int
+    gan_steps: int
+    gan_warm_steps: int
+    disc_lr: float
 
 
 @dataclass
@@ -81,6 +87,7 @@ class DemoResult:
     sheet: Path
     scst_cider: dict[str, float] = field(default_factory=dict)  # "greedy before", ...: test CIDEr around SCST
     retrieval: dict | None = None  # train_clip.py's retrieval.json, when the demo aligned its encoder
+    route_cider: dict[str, float] = field(default_factory=dict)  # with --unpaired: test CIDEr of each route
 
     @property
     def scst_helped(self) -> bool | None:
@@ -307,6 +314,9 @@ def format_comparison(result: DemoResult) -> str:
             before, after = result.scst_cider[f"{method} before"], result.scst_cider[f"{method} after"]
             lines.append(f"{method:<7} {100 * before:7.2f} -> {100 * after:7.2f}")
         lines.append(f"SCST {'raised' if result.scst_helped else 'did NOT raise'} the greedy CIDEr")
+    if result.route_cider:
+        lines.append("\nroutes, greedy test CIDEr (paired: the model above; constant: its caption for every image):")
+        lines.append(format_routes(result.route_cider))
     return "\n".join(lines)
 
 
@@ -322,6 +332,14 @@ def check_options(options: DemoOptions) -> None:
         raise InputError(
             f"--align_epochs must be at least 0 (0: the encoder is not aligned), got {options.align_epochs}"
         )
+    if options.unpaired and (options.align_epochs == 0 or options.align_train_text):
+        raise InputError(
+            "--unpaired needs the aligned encoder (--align_epochs above 0, without --align_train_text): text-only "
+            "training stands text embeddings in for image features, so the images must be in the frozen text tower's space"
+        )
+    for name in ("unpaired_epochs", "gan_steps", "gan_warm_steps"):
+        if options.unpaired and getattr(options, name) < (1 if name == "unpaired_epochs" else 0):
+            raise InputError(f"--{name} must be at least {1 if name == 'unpaired_epochs' else 0}, got {getattr(options, name)}")
     if "CIDEr" not in options.metrics:
         options.metrics = [*options.metrics, "CIDEr"]  # the learning bar is a CIDEr ratio
 
@@ -358,6 +376,13 @@ def run_demo(options: DemoOptions) -> DemoResult:
     write_constant_predictions(dataset_path, constant_caption, paths["predictions"] / "constant.json")
     for name, argv in stage_commands(options, paths, encoder, lm, alignment):
         run_stage(name, argv, env)
+    route_cider = {}
+    if options.unpaired:
+        route_cider = run_unpaired_routes(
+            options, paths, lm, text_encoder, dataset_path, lambda name, argv: run_stage(name, argv, env)
+        )
+        route_cider |= {"paired": _scores(paths["metrics"] / "test.json")["CIDEr"]}
+        route_cider |= {"constant": _scores(paths["metrics"] / "constant.json")["CIDEr"]}
     scenes = read_scenes(dataset_path, "test")
     return DemoResult(
         model_scores=_scores(paths["metrics"] / "test.json"),
@@ -372,4 +397,5 @@ def run_demo(options: DemoOptions) -> DemoResult:
             if options.scst_epochs > 0
         },
         retrieval=read_json_input(paths["align"] / "retrieval.json", "retrieval file") if alignment else None,
+        route_cider=route_cider,
     )

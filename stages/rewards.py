@@ -310,10 +310,11 @@ def corpus_embeddings(corpus: FeatureFile | None, clip_name: str) -> torch.Tenso
     """The corpus's text embeddings (M, D), refused unless they are `clip_name`'s (the images' CLIP)."""
     if corpus is None:
         raise InputError("--reward clip_agg needs --corpus, a sentence corpus's features (parse_corpus.py)")
-    encoder = corpus.meta.get("encoder") or {}
-    if encoder.get("name") != clip_name:
+    # parse_corpus.py records the CLIP of the text tower (its encoder is the image side, maybe an aligned one).
+    text_clip = corpus.meta.get("clip_model") or (corpus.meta.get("encoder") or {}).get("name")
+    if text_clip != clip_name:
         raise InputError(
-            f"--corpus holds text embeddings of {encoder.get('name', 'an unrecorded encoder')}, not of --clip_model "
+            f"--corpus holds text embeddings of {text_clip or 'an unrecorded encoder'}, not of --clip_model "
             f"{clip_name}: CLIP-agg needs the images' CLIP"
         )
     return torch.as_tensor(corpus.embeddings.numpy(), dtype=torch.float32)

@@ -21,9 +21,13 @@ import predict
 import train
 from data.annotations import read_annotations
 from data.errors import InputError
+from data.features import FeatureFile
 from data.store import read_features
+from models.aligned import AlignedConfig, AlignedImageEncoder, save_aligned_encoder
 from models.checkpoint import captioner_tokenizer
+from models.clip_score import clip_name, holds_image_embeds_of
 from models.decoding import DecodingOptions, caption_features
+from models.encoders import load_encoder
 from models.hf_export import load_captioner
 from models.text_memory import TextMemory
 from models.tiny import save_tiny_clip_model
@@ -270,3 +274,33 @@ def test_a_corpus_given_as_image_features_is_refused_in_one_line(setup):
     assert str(error.value) == message
     with pytest.raises(InputError, match="holds text features, not image features"):
         evaluate.main(evaluate.parse_args(["--checkpoint", checkpoint, "--features", corpus, "--device", "cpu"]))
+
+
+def aligned_to(clip: Path, directory: Path, text_space: str | None) -> Path:
+    """A train_clip.py-style encoder (tiny CNN, random weights) of `clip`'s text width, recording `text_space`."""
+    width = CLIPModel.from_pretrained(clip).config.projection_dim
+    config = AlignedConfig(
+        tower="tiny_cnn", tower_dim=16, projection_hidden=16, feature_dim=width, resize_dim=32, crop_dim=32,
+        mean=[0.5] * 3, std=[0.25] * 3, tower_config={"channels": [8, 16], "stem": 4}, source={"text_space": text_space},
+    )  # fmt: skip
+    return save_aligned_encoder(directory, AlignedImageEncoder(config).eval())
+
+
+def test_an_aligned_image_encoder_stands_in_for_the_clips_vision_tower(synthetic, setup, tmp_path):
+    """--image_encoder: the same text embeddings, the meta naming the aligned encoder (so its features are what a
+    captioner trained on the corpus takes, and CLIP rewards of --clip_model take them as its image side)."""
+    clip = synthetic["clip"]
+    encoder = aligned_to(clip, tmp_path / "encoder", clip_name(str(clip)))
+    corpus = read_features(embed_corpus(synthetic["dataset"], clip, tmp_path / "corpus.pkl", "--split", "train",
+                                        "--image_encoder", str(encoder)))  # fmt: skip
+    assert torch.equal(corpus.embeddings, read_features(setup["corpus"]).embeddings)
+    assert corpus.meta["encoder"] == load_encoder(str(encoder))[0].spec.to_dict()
+    assert corpus.meta["clip_model"] == clip_name(str(clip))
+    aligned_images = FeatureFile(torch.zeros(1, 4), [], {"encoder": corpus.meta["encoder"]})
+    assert holds_image_embeds_of(aligned_images, clip_name(str(clip)))
+    assert not holds_image_embeds_of(aligned_images, "openai/clip-vit-base-patch32")
+    for space in (None, "openai/clip-vit-base-patch32"):  # a trained text tower's, or another CLIP's
+        other = aligned_to(clip, tmp_path / f"other_{space is None}", space)
+        with pytest.raises(InputError, match=f"--image_encoder {other}: aligned to .*not to the frozen text tower"):
+            embed_corpus(synthetic["dataset"], clip, tmp_path / "refused.pkl", "--split", "train", "--image_encoder", str(other))
+    assert not (tmp_path / "refused.pkl").exists()

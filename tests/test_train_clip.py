@@ -158,6 +158,7 @@ def test_train_clip_to_extraction_training_and_captioning(synthetic, tmp_path):
     assert encoder.spec.family == "aligned" and encoder.spec.feature_dim == 16 and encoder.spec.crop_dim == 32
     config = json.loads((run / "encoder" / "config.json").read_text())
     assert config["source"]["epoch"] == saved["best"]["epoch"]
+    assert config["source"]["text_space"] is None  # --train_text moved the text tower: no CLIP's space (parse_corpus.py)
     latest = torch.load(run / "align_latest.pt", weights_only=True)  # loads without unpickling code
     if saved["best"]["epoch"] == 1:  # the kept encoder is the last epoch's: the resume checkpoint's weights
         weights = load_file(run / "encoder" / "model.safetensors")
