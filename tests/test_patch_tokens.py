@@ -366,7 +366,7 @@ def test_an_aligned_encoder_has_no_patch_tokens(tmp_path, images):
 
     args = Namespace(
         image_encoder="tiny_cnn", no_pretrained=False, image_size=32, projection_hidden=None, cnn_channels=[4, 8],
-        cnn_stem=4, text_encoder="a text tower",
+        cnn_stem=4, text_encoder="a text tower", train_text=False,
     )  # fmt: skip
     model, _ = build_image_side(args, text_dim=8)
     save_aligned_encoder(tmp_path / "encoder", model.eval())

@@ -420,7 +420,7 @@ def test_every_tower_saves_and_loads_as_an_aligned_encoder(tmp_path, tower, tiny
     names = {"clip": str(tiny_clip_dir), "dinov2": str(tiny_dino_dir)}
     args = Namespace(
         image_encoder=names.get(tower, tower), no_pretrained=tower == "resnet50", image_size=None,
-        projection_hidden=None, cnn_channels=[8, 16], cnn_stem=4, text_encoder="a text tower",
+        projection_hidden=None, cnn_channels=[8, 16], cnn_stem=4, text_encoder="a text tower", train_text=False,
     )  # fmt: skip
     torch.manual_seed(0)
     model, (resize_dim, crop_dim, _, _) = build_image_side(args, text_dim=24)
