@@ -17,6 +17,7 @@ from data.features import FeatureFile
 from data.references import ImageId, references_from_features
 from data.store import read_features
 from models.clip_score import ClipScorer, holds_image_embeds_of
+from models.text_memory import TextMemory
 from stages.ptb_tokenizer import ptb_tokens
 
 BASELINES = ("mean", "greedy")
@@ -257,21 +258,14 @@ def clip_image_embeddings(
 
 CLIP_COSINE_WEIGHT = 0.5  # w in CgT-GAN's CLIP score: w cos(a, t) + (1 - w)(1 - mean |a - t|)
 AGGREGATION_TEMPERATURE = 100.0  # tau of CLIP-agg: softmax(tau cos(v, s_j)), CgT-GAN's (and DeCap's) 100
-AGGREGATION_CHUNK = 64  # images per block when aggregating: a block holds (chunk, corpus size) weights
 
 
 def clip_agg_targets(
     image_embeds: torch.Tensor, corpus_embeds: torch.Tensor, temperature: float = AGGREGATION_TEMPERATURE
 ) -> torch.Tensor:
     """CgT-GAN's CLIP-agg target of each image: a = sum_j softmax_j(tau cos(v, s_j)) s_j over the corpus's
-    normalized text embeddings s_j. (B, D), (M, D) -> (B, D)"""
-    sentences = F.normalize(corpus_embeds.float(), dim=-1)
-    targets = []
-    for start in range(0, len(image_embeds), AGGREGATION_CHUNK):
-        images = F.normalize(image_embeds[start : start + AGGREGATION_CHUNK].float(), dim=-1)  # (b, D)
-        weights = torch.softmax(temperature * images @ sentences.T, dim=-1)  # (b, M)
-        targets.append(weights @ sentences)
-    return torch.cat(targets)
+    normalized text embeddings s_j; the formula of DeCap's projection, so its code. (B, D), (M, D) -> (B, D)"""
+    return TextMemory(corpus_embeds, temperature).project(image_embeds)
 
 
 def clip_target_score(targets: torch.Tensor, text_embeds: torch.Tensor, weight: float = CLIP_COSINE_WEIGHT) -> torch.Tensor:
